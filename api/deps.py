@@ -1,0 +1,92 @@
+"""What routers depend on, as `Annotated` aliases, and the context the app's lifespan builds."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import OAuth2PasswordBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.security import InvalidToken, decode_access_token
+from persistence.database import SessionFactory
+from persistence.models import Role, User
+from persistence.repositories import UserRepository
+from realtime.storage import HistoryReader
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The settings the REST layer reads (built by `collab` from its Settings)."""
+
+    secret_key: str
+    access_token_minutes: int = 60 * 24
+    guest_access: bool = True
+
+
+@dataclass(slots=True)
+class ApiContext:
+    """Built by the lifespan; routers reach it through `request.app.state.api`."""
+
+    config: ApiConfig
+    sessions: SessionFactory
+    readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
+    history: HistoryReader | None = None
+    # Realtime services the REST layer uses (presence, feed publishing); set by `collab`.
+    realtime: Any = None
+
+
+def get_context(request: Request) -> ApiContext:
+    context: ApiContext = request.app.state.api
+    return context
+
+
+Context = Annotated[ApiContext, Depends(get_context)]
+
+
+async def get_session(context: Context) -> AsyncIterator[AsyncSession]:
+    async with context.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
+
+_UNAUTHORIZED = HTTPException(
+    status_code=status.HTTP_401_UNAUTHORIZED,
+    detail="Not authenticated",
+    headers={"WWW-Authenticate": "Bearer"},
+)
+
+
+async def get_current_user(
+    context: Context, session: SessionDep, token: Annotated[str | None, Depends(oauth2_scheme)]
+) -> User:
+    if not token:
+        raise _UNAUTHORIZED
+    try:
+        claims = decode_access_token(context.config.secret_key, token)
+    except InvalidToken:
+        raise _UNAUTHORIZED from None
+    # The user may have been deleted since the token was issued.
+    user = await UserRepository(session).get(claims.user_id)
+    if user is None:
+        raise _UNAUTHORIZED
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+async def get_service_user(user: CurrentUser) -> User:
+    if user.role not in (Role.SERVICE, Role.ADMIN):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "A service or admin token is required")
+    return user
+
+
+ServiceUser = Annotated[User, Depends(get_service_user)]

@@ -1,0 +1,93 @@
+"""`create_app(settings)`: the one place that wires every package together.
+
+Nothing is built at import time. The lifespan builds the engine, the realtime backends and
+the hub, so a test can build as many apps as it likes, each with its own settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio.to_thread
+from fastapi import FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy import text
+
+from api import ROUTERS, ApiConfig, ApiContext
+from collab.settings import Settings
+from persistence import migrate
+from persistence.database import create_engine, create_session_factory
+from persistence.history import DatabaseHistory
+
+log = logging.getLogger("collab")
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.should_auto_migrate:
+            # Alembic runs its own event loop, so it gets a thread of its own.
+            await anyio.to_thread.run_sync(migrate.upgrade, settings.database_url)
+        engine = create_engine(settings.database_url)
+        sessions = create_session_factory(engine)
+
+        async def database_ready() -> bool:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+            return True
+
+        app.state.api = ApiContext(
+            config=ApiConfig(
+                secret_key=settings.secret,
+                access_token_minutes=settings.access_token_minutes,
+                guest_access=settings.guest_access,
+            ),
+            sessions=sessions,
+            readiness={"database": database_ready},
+            history=DatabaseHistory(sessions),
+        )
+        log.info("collab node %s ready (%s)", settings.node_id, settings.env)
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Collab",
+        version="0.1.0",
+        description="Real-time collaboration server: WebSocket rooms and feeds, and this REST API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    registry = CollectorRegistry()
+    app.state.metrics = registry
+    for router in ROUTERS:
+        app.include_router(router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(_request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """For `uvicorn --factory` and Gunicorn: settings from the environment only."""
+    return create_app(Settings(node_id=os.environ.get("COLLAB_NODE_ID") or _node_name()))
+
+
+def _node_name() -> str:
+    import socket
+
+    port = os.environ.get("COLLAB_PORT", "")
+    return f"{socket.gethostname()}:{port}-{os.getpid()}" if port else socket.gethostname()

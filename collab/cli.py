@@ -1,0 +1,104 @@
+"""`collab serve | migrate | worker`: how operators and tests start the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from collab.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        ]
+        sys.stderr.write("collab: invalid configuration (COLLAB_* variables):\n")
+        sys.stderr.write("\n".join(lines) + "\n")
+        raise SystemExit(2) from None
+
+
+def serve(host: str, port: int, workers: int, log_level: str) -> None:
+    import uvicorn
+
+    settings = _settings()  # fail fast, before uvicorn forks workers
+    os.environ["COLLAB_PORT"] = str(port)
+    if settings.env == "development" and not os.environ.get("COLLAB_SECRET_KEY"):
+        # One random key for every worker of this run, so their tokens agree.
+        import secrets
+
+        os.environ["COLLAB_SECRET_KEY"] = secrets.token_urlsafe(48)
+    if settings.should_auto_migrate:
+        from persistence import migrate
+
+        migrate.upgrade(settings.database_url)
+        # Done once here, so several workers do not race to migrate the same file.
+        os.environ["COLLAB_AUTO_MIGRATE"] = "false"
+    uvicorn.run(
+        "collab.app:create_app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        proxy_headers=True,
+        ws_per_message_deflate=False,
+        ws_max_size=settings.max_frame_bytes,
+        # The app sends its own heartbeats; uvicorn's pings would double them.
+        ws_ping_interval=settings.heartbeat,
+        ws_ping_timeout=settings.heartbeat,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout) or None,
+    )
+
+
+def migrate_command() -> None:
+    from persistence import migrate
+
+    settings = _settings()
+    migrate.upgrade(settings.database_url)
+    print(f"collab: database schema is up to date ({_redact(settings.database_url)})")
+
+
+def worker_command(argv: Sequence[str]) -> None:
+    _settings()
+    sys.stderr.write(
+        "collab worker: persistence through Celery is not built yet. Until it is, `collab serve`\n"
+        "stores messages in-process (COLLAB_CELERY_BROKER_URL is not read yet).\n"
+    )
+    raise SystemExit(2)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="collab", description="Collab real-time server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the server (REST, /ws/chat, /ws/live, pages)")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--workers", type=int, default=1)
+    p_serve.add_argument("--log-level", default="info")
+    sub.add_parser("migrate", help="bring the database schema up to date")
+    p_worker = sub.add_parser("worker", help="run a Celery worker that stores messages")
+    p_worker.add_argument("celery_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "serve":
+        if not 0 < args.port < 65536 or args.workers < 1:
+            parser.error("--port must be 1-65535 and --workers at least 1")
+        serve(args.host, args.port, args.workers, args.log_level)
+    elif args.command == "migrate":
+        migrate_command()
+    else:
+        worker_command(args.celery_args)

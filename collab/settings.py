@@ -1,0 +1,112 @@
+"""Every setting the server reads, in one place, from `COLLAB_*` environment variables.
+
+Nothing here is read at import time: `Settings()` is built by the CLI (or a test) and handed
+to `create_app`, so one process can host several differently configured apps.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Values that appear in docs and examples; a production server must never run on one.
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {"", "changeme", "change-me", "secret", "dev", "development", "collab", "please-change-me"}
+)
+MIN_SECRET_LENGTH = 32
+
+
+def _default_node_id() -> str:
+    return socket.gethostname()
+
+
+class Settings(BaseSettings):
+    """The server's configuration. Field names map to `COLLAB_<NAME>` variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COLLAB_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    env: Literal["development", "production", "test"] = "development"
+    database_url: str = "sqlite+aiosqlite:///./collab.db"
+    broker_url: str = "memory://"
+    celery_broker_url: str | None = None
+    secret_key: SecretStr | None = None
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    node_id: str = Field(default_factory=_default_node_id, min_length=1, max_length=128)
+    guest_access: bool = True
+
+    access_token_minutes: int = Field(default=60 * 24, ge=1, le=60 * 24 * 365)
+    presence_timeout: float = Field(default=30.0, gt=0, le=3600)
+    rate_limit: float = Field(default=20.0, gt=0)
+    rate_burst: int = Field(default=50, ge=1)
+    max_body_bytes: int = Field(default=16 * 1024, ge=64)
+    max_frame_bytes: int = Field(default=64 * 1024, ge=256)
+    max_connections_per_user: int = Field(default=20, ge=1)
+    max_connections: int = Field(default=10_000, ge=1)
+    heartbeat: float = Field(default=25.0, gt=0, le=3600)
+    outgoing_queue_bytes: int = Field(default=1024 * 1024, ge=1024)
+    history_window: int = Field(default=1000, ge=0)
+    shutdown_timeout: float = Field(default=10.0, ge=0)
+    auto_migrate: bool | None = Field(
+        default=None,
+        description="Bring the schema up to date at startup; defaults to on for SQLite only.",
+    )
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("database_url", "broker_url")
+    @classmethod
+    def _has_scheme(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("must be a URL with a scheme, such as sqlite+aiosqlite:///./collab.db")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.env != "production":
+            if self.secret_key is None:
+                # A fresh key per start: tokens die with the process, which is what a
+                # development server should do rather than share a guessable key.
+                self.secret_key = SecretStr(secrets.token_urlsafe(48))
+            return self
+        key = self.secret_key.get_secret_value() if self.secret_key else ""
+        if key.lower() in KNOWN_DEFAULT_SECRETS or len(key) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                "COLLAB_SECRET_KEY must be set to a random value of at least "
+                f"{MIN_SECRET_LENGTH} characters when COLLAB_ENV=production "
+                "(for example: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+        if "*" in self.allowed_origins:
+            raise ValueError(
+                "COLLAB_ALLOWED_ORIGINS must list the sites allowed to open WebSockets "
+                "when COLLAB_ENV=production (a comma-separated list), not '*'"
+            )
+        return self
+
+    @property
+    def secret(self) -> str:
+        """The signing key; always set once validation has run."""
+        assert self.secret_key is not None
+        return self.secret_key.get_secret_value()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate

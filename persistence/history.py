@@ -1,0 +1,112 @@
+"""The storage side of the realtime core: `realtime.storage` interfaces over the database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy.exc import IntegrityError
+
+from persistence.database import SessionFactory
+from persistence.models import Message, Room, utcnow
+from persistence.repositories import MessageRepository, RoomRepository, UserRepository
+from realtime.storage import HistoryReader, RoomAccess, StoredMessage
+from realtime.types import UserInfo
+
+
+def format_ts(moment: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and a Z, as the wire protocol writes `ts`."""
+    if moment.tzinfo is None:  # SQLite hands back naive datetimes; they were stored as UTC
+        moment = moment.replace(tzinfo=UTC)
+    return (
+        moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    )
+
+
+def parse_ts(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def to_stored(row: Message) -> StoredMessage:
+    return StoredMessage(
+        msg_id=row.msg_id,
+        room=row.room,
+        epoch=row.epoch,
+        offset=row.offset,
+        user=UserInfo(id=row.user_id, name=row.user_name),
+        body=row.body,
+        client_msg_id=row.client_msg_id,
+        ts=format_ts(row.created_at),
+    )
+
+
+def to_row(message: StoredMessage) -> dict[str, object]:
+    return {
+        "msg_id": message.msg_id,
+        "room": message.room,
+        "epoch": message.epoch,
+        "offset": message.offset,
+        "user_id": message.user.id,
+        "user_name": message.user.name,
+        "body": message.body,
+        "client_msg_id": message.client_msg_id,
+        "created_at": parse_ts(message.ts),
+    }
+
+
+class DatabaseHistory(HistoryReader):
+    def __init__(self, sessions: SessionFactory) -> None:
+        self.sessions = sessions
+
+    async def page(
+        self,
+        room: str,
+        epoch: str | None,
+        *,
+        before: int | None = None,
+        after: int | None = None,
+        limit: int = 50,
+    ) -> tuple[list[StoredMessage], bool]:
+        async with self.sessions() as session:
+            repo = MessageRepository(session)
+            if epoch is None:
+                epoch = await repo.latest_epoch(room)
+                if epoch is None:
+                    return [], False
+            rows, has_more = await repo.page(room, epoch, before=before, after=after, limit=limit)
+            return [to_stored(row) for row in rows], has_more
+
+    async def last_position(self, room: str) -> tuple[str, int] | None:
+        async with self.sessions() as session:
+            return await MessageRepository(session).last_position(room)
+
+
+class DatabaseRoomAccess(RoomAccess):
+    """Private rooms admit their members; any other valid name is a public room, recorded on
+    first use so REST listings show it."""
+
+    def __init__(self, sessions: SessionFactory) -> None:
+        self.sessions = sessions
+
+    async def can_access(self, room: str, user: UserInfo) -> bool:
+        async with self.sessions() as session:
+            rooms = RoomRepository(session)
+            found = await rooms.by_name(room)
+            if found is None:
+                session.add(Room(name=room, private=False, created_at=utcnow()))
+                try:
+                    await session.commit()
+                except IntegrityError:  # created concurrently: public or private, look again
+                    await session.rollback()
+                    found = await rooms.by_name(room)
+                    if found is None:
+                        return True
+                else:
+                    return True
+            if not found.private:
+                return True
+            if not user.id.isdigit():
+                return False
+            db_user = await UserRepository(session).get(int(user.id))
+            if db_user is not None and db_user.role == "admin":
+                return True
+            return await rooms.is_member(found, int(user.id))

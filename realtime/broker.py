@@ -1,0 +1,137 @@
+"""The broker interface: how room and feed traffic reaches every node.
+
+Implementations: `broker_memory.MemoryBroker` (one node, `memory://`) and
+`broker_redis.RedisBroker` (many nodes, `redis://`). Both pass the same behaviour suite
+(`tests/test_broker_shared.py`).
+
+Contract, for every implementation:
+
+- Channels are named by the caller (`room:<name>` for chat rooms, `feed:<name>` for live
+  feeds); the broker treats the name as opaque.
+- `publish` is atomic: it takes the channel's next offset (exactly one more than the last,
+  starting at 1 in a new epoch), appends the frame to the channel's recent-history window
+  (trimmed to `history_window` entries), and delivers it to every subscribed node. Every node
+  sees one channel's publications in offset order.
+- The frame is built by the broker from the caller's fields, so that its offset and epoch are
+  inside it: `{"type": <kind>, <name_key>: <channel name without prefix>, "epoch": ...,
+  "offset": ..., <fields...>}`. Every node delivers those same bytes to its local members.
+- Idempotency: with an `idempotency_key`, a second publish with the same key on the same
+  channel publishes nothing and returns the first publication's position and `msg_id` with
+  `duplicate=True`. Keys are remembered for at least `idempotency_ttl` seconds.
+- `recent(channel, since)` answers the publications after `since` from the window, in order,
+  only when it can prove them complete (same epoch, window reaching back far enough);
+  otherwise `None`.
+- Ephemeral events (typing, presence diffs) travel with `publish_event`: no offset, no history.
+- While the backend is unreachable, `publish`, `publish_event`, `position` and `recent` raise
+  `BrokerUnavailable`; nothing is half-published.
+- A broker never blocks on a slow consumer: `BrokerHandler` callbacks are plain functions
+  that must return quickly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from realtime.types import Position
+
+
+class BrokerUnavailable(Exception):
+    """The backend cannot be reached; the operation was not carried out."""
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One offset-numbered frame of a channel."""
+
+    channel: str
+    epoch: str
+    offset: int
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    epoch: str
+    offset: int
+    msg_id: str
+    frame: bytes
+    duplicate: bool = False
+
+
+class BrokerHandler(Protocol):
+    """What a broker calls on this node. Must not block: called from the broker's listener."""
+
+    def on_publication(self, publication: Publication) -> None: ...
+
+    def on_event(self, channel: str, frame: bytes, exclude_user: str | None) -> None: ...
+
+    def on_resubscribed(self, channels: list[str]) -> None:
+        """The broker lost its connection and came back: anything may have been missed on
+        these channels, so their local members must recover."""
+
+
+# Seeds a channel's position the first time the broker sees it (the memory broker uses it to
+# continue the durable store's epoch after a restart). None: start a new epoch at offset 0.
+PositionSeed = Callable[[str], Awaitable[Position | None]]
+
+
+class Broker(ABC):
+    """Room and feed traffic between nodes. See the module docstring for the contract."""
+
+    history_window: int
+    idempotency_ttl: float
+
+    @abstractmethod
+    async def start(self, handler: BrokerHandler) -> None:
+        """Connect and start listening; publications go to `handler`."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def subscribe(self, channel: str) -> None:
+        """Receive this channel's publications and events. Idempotent; the hub ref-counts."""
+
+    @abstractmethod
+    async def unsubscribe(self, channel: str) -> None: ...
+
+    @abstractmethod
+    async def publish(
+        self,
+        channel: str,
+        *,
+        kind: str,
+        name_key: str,
+        msg_id: str,
+        fields: bytes,
+        idempotency_key: str | None = None,
+    ) -> PublishResult:
+        """Publish one frame. `fields` is a JSON object's bytes (`{"msg_id": ..., ...}`) whose
+        members follow the broker-set ones in the frame."""
+
+    @abstractmethod
+    async def publish_event(
+        self, channel: str, frame: bytes, *, exclude_user: str | None = None
+    ) -> None:
+        """An ephemeral frame to the channel's members on every node, in no particular order
+        relative to publications."""
+
+    @abstractmethod
+    async def position(self, channel: str) -> Position:
+        """The channel's current epoch and last offset (0 when nothing was published)."""
+
+    @abstractmethod
+    async def recent(self, channel: str, since: Position) -> list[Publication] | None:
+        """Publications after `since`, complete and in order, or None when that can't be proven."""
+
+    @abstractmethod
+    async def last_frame(self, channel: str) -> bytes | None:
+        """The newest publication's frame, if the window still holds it (a feed's snapshot)."""
+
+    @property
+    @abstractmethod
+    def healthy(self) -> bool:
+        """False while the backend is unreachable (for `/readyz`)."""

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from collab.app import create_app
+from collab.settings import Settings
+from persistence import migrate
+from tests.services import POSTGRES_URL, REDIS_URL, require
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    """A real Redis, its test database emptied before and after the test."""
+    require(REDIS_URL, 6379, "Redis")
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    await client.flushdb()
+    try:
+        yield REDIS_URL
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+# --- databases -------------------------------------------------------------------------------
+
+
+TEST_SECRET = "test-secret-" + "x" * 40
+
+
+def _pg_admin_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _pg_execute(url: str, *statements: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(_pg_admin_dsn(url))
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated SQLite file, copied for each test (migrating costs more than copying)."""
+    path = tmp_path_factory.mktemp("sqlite") / "template.db"
+    migrate.upgrade(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A PostgreSQL database of this test session's own, migrated once, dropped at the end."""
+    require(POSTGRES_URL, 5432, "PostgreSQL")
+    name = f"collab_test_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_pg_execute(POSTGRES_URL, f'CREATE DATABASE "{name}"'))
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        asyncio.run(_pg_execute(POSTGRES_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+TABLES = ("messages", "room_members", "rooms", "items", "users")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path
+) -> Iterator[str]:
+    """Each test that uses it runs twice: on SQLite and on PostgreSQL, with empty tables."""
+    if request.param == "sqlite":
+        path = tmp_path / "collab.db"
+        shutil.copy(sqlite_template, path)
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    url: str = request.getfixturevalue("postgres_database")
+    asyncio.run(_pg_execute(url, f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    yield url
+
+
+def make_settings(database_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "env": "test",
+        "database_url": database_url,
+        "secret_key": TEST_SECRET,
+        "auto_migrate": False,
+        "node_id": "test-node",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process, its lifespan run, reached through httpx."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            yield http

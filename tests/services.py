@@ -1,0 +1,48 @@
+"""Finding the real services tests need, and refusing to skip them in CI.
+
+On a developer's laptop a missing Redis or PostgreSQL skips the tests that need it. Under
+`CI=true` it fails them: a skip in CI would hide a whole backend going untested.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+REDIS_URL = os.environ.get("COLLAB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+POSTGRES_URL = os.environ.get(
+    "COLLAB_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+RABBITMQ_URL = os.environ.get("COLLAB_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 1
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def require(url: str, default_port: int, what: str) -> None:
+    """Skip (laptop) or fail (CI) when a service is not listening."""
+    if reachable(url, default_port):
+        return
+    message = f"{what} is not reachable at {url}"
+    if IN_CI:
+        pytest.fail(f"{message}; CI must provide it (.ci/run starts it)")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
