@@ -19,10 +19,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sqlalchemy import text
 
 from api import ROUTERS, ApiConfig, ApiContext
+from collab.realtime_wiring import build_node, close_with_1001_on_exit, token_authenticator
 from collab.settings import Settings
 from persistence import migrate
 from persistence.database import create_engine, create_session_factory
 from persistence.history import DatabaseHistory
+from realtime.endpoints import WebSocketEndpoint
+from realtime.node import Node
+from realtime.protocol import Endpoint
 
 log = logging.getLogger("collab")
 STATIC = Path(__file__).parent / "static"
@@ -44,6 +48,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await connection.execute(text("SELECT 1"))
             return True
 
+        node = build_node(settings, sessions)
+        await node.start()
+        app.state.node = node
+
+        async def broker_ready() -> bool:
+            return node.broker.healthy
+
         app.state.api = ApiContext(
             config=ApiConfig(
                 secret_key=settings.secret,
@@ -51,13 +62,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 guest_access=settings.guest_access,
             ),
             sessions=sessions,
-            readiness={"database": database_ready},
+            readiness={"database": database_ready, "broker": broker_ready},
             history=DatabaseHistory(sessions),
+            realtime=node,
         )
         log.info("collab node %s ready (%s)", settings.node_id, settings.env)
         try:
-            yield
+            with close_with_1001_on_exit(node, min(settings.shutdown_timeout, 5.0)):
+                yield
         finally:
+            await node.close()
             await engine.dispose()
 
     app = FastAPI(
@@ -71,6 +85,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = registry
     for router in ROUTERS:
         app.include_router(router)
+
+    def node() -> Node:
+        current: Node = app.state.node
+        return current
+
+    authenticate = token_authenticator(settings.secret)
+    kinds: tuple[Endpoint, ...] = ("chat", "live")
+    for kind in kinds:
+        endpoint = WebSocketEndpoint(kind, node, authenticate, settings.allowed_origins)
+        app.router.add_websocket_route(f"/ws/{kind}", endpoint)  # type: ignore[arg-type]
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(_request: Request) -> Response:

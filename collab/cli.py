@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +25,32 @@ def _settings() -> Settings:
         sys.stderr.write("collab: invalid configuration (COLLAB_* variables):\n")
         sys.stderr.write("\n".join(lines) + "\n")
         raise SystemExit(2) from None
+
+
+class RedactTokens(logging.Filter):
+    """Browsers send their token in the query string; it must not end up in access logs."""
+
+    _token = re.compile(r"(token=)[^&\s\"]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(
+                self._token.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                for a in record.args
+            )
+        elif isinstance(record.msg, str):
+            record.msg = self._token.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def _log_config() -> dict[str, object]:
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact_tokens": {"()": "collab.cli.RedactTokens"}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact_tokens"]
+    return config
 
 
 def serve(host: str, port: int, workers: int, log_level: str) -> None:
@@ -49,6 +77,8 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
         workers=workers,
         log_level=log_level,
         proxy_headers=True,
+        log_config=_log_config(),
+        ws="websockets-sansio",
         ws_per_message_deflate=False,
         ws_max_size=settings.max_frame_bytes,
         # The app sends its own heartbeats; uvicorn's pings would double them.

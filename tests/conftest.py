@@ -117,3 +117,12 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
             yield http
+
+
+@pytest.fixture(autouse=True)
+async def _close_websocket_clients() -> AsyncIterator[None]:
+    """Close the WebSocket clients a test opened, even when it failed half-way."""
+    yield
+    from tests.wsclient import Client
+
+    await Client.close_all()

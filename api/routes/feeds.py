@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, status
+from pydantic import BaseModel
+
+from api import schemas
+from api.deps import Context, ServiceUser
+
+router = APIRouter(prefix="/feeds", tags=["feeds"])
+FeedPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:\-]{1,64}$")]
+BUILT_IN = {"items"}
+
+
+class FeedPublish(schemas.Strict):
+    data: schemas.JsonObject
+
+
+class Published(BaseModel):
+    feed: str
+    epoch: str
+    offset: int
+
+
+@router.post(
+    "/{feed}",
+    response_model=Published,
+    responses={503: {"description": "The broker is unavailable; nothing was published"}},
+)
+async def publish(
+    feed: FeedPath, body: FeedPublish, _user: ServiceUser, context: Context
+) -> Published:
+    """Publish `data` to every `/ws/live` subscriber of `feed` (a service or admin token)."""
+    from realtime.broker import BrokerUnavailable
+
+    if feed in BUILT_IN:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"Feed '{feed}' is published by the server")
+    if context.realtime is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Feeds are not available")
+    try:
+        position = await context.realtime.publish_feed(feed, body.data)
+    except BrokerUnavailable:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "Broker unavailable; not published"
+        ) from None
+    return Published(feed=feed, epoch=position.epoch, offset=position.offset)

@@ -1,0 +1,148 @@
+"""Building the realtime node from settings: backends chosen by URL scheme, storage from
+`persistence`, tokens checked by `api.security`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from api.schemas import ItemOut
+from api.security import InvalidToken, decode_access_token
+from collab.settings import Settings
+from persistence.database import SessionFactory
+from persistence.history import DatabaseHistory, DatabaseRoomAccess
+from persistence.repositories import ItemRepository
+from persistence.sink import DatabaseSink
+from realtime.broker import Broker
+from realtime.endpoints import Authenticator
+from realtime.node import ROOM, Node, NodeLimits
+from realtime.presence import Presence
+from realtime.protocol import CloseCode
+from realtime.types import Position, UserInfo
+
+log = logging.getLogger("collab")
+ITEMS_SNAPSHOT_LIMIT = 1000
+
+
+def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker, Presence]:
+    scheme = settings.broker_url.split("://", 1)[0]
+    if scheme == "memory":
+        from realtime.broker_memory import MemoryBroker
+        from realtime.presence_memory import MemoryPresence
+
+        async def seed(channel: str) -> Position | None:
+            # One process owns every counter, and the database holds every acknowledged
+            # message: continue its epoch after a restart so history and offsets line up.
+            if not channel.startswith(ROOM):
+                return None
+            last = await history.last_position(channel[len(ROOM) :])
+            return Position(*last) if last else None
+
+        return (
+            MemoryBroker(history_window=max(settings.history_window, 1), seed=seed),
+            MemoryPresence(timeout=settings.presence_timeout),
+        )
+    if scheme in ("redis", "rediss", "unix"):
+        from realtime.broker_redis import RedisBroker
+        from realtime.presence_redis import RedisPresence
+
+        return (
+            RedisBroker(
+                settings.broker_url,
+                history_window=max(settings.history_window, 1),
+                node_id=settings.node_id,
+            ),
+            RedisPresence(settings.broker_url, timeout=settings.presence_timeout),
+        )
+    raise ValueError(f"COLLAB_BROKER_URL: unsupported scheme {scheme!r} (memory://, redis://)")
+
+
+def build_node(settings: Settings, sessions: SessionFactory) -> Node:
+    history = DatabaseHistory(sessions)
+    broker, presence = build_backends(settings, history)
+
+    async def items_snapshot() -> list[dict[str, Any]]:
+        async with sessions() as session:
+            items = await ItemRepository(session).all(ITEMS_SNAPSHOT_LIMIT)
+            return [ItemOut.model_validate(i).model_dump(mode="json") for i in items]
+
+    return Node(
+        node_id=settings.node_id,
+        broker=broker,
+        presence=presence,
+        sink=DatabaseSink(sessions),
+        history=history,
+        access=DatabaseRoomAccess(sessions),
+        limits=NodeLimits(
+            max_body_bytes=settings.max_body_bytes,
+            max_frame_bytes=settings.max_frame_bytes,
+            rate=settings.rate_limit,
+            burst=settings.rate_burst,
+            max_connections_per_user=settings.max_connections_per_user,
+            max_connections=settings.max_connections,
+            outgoing_queue_bytes=settings.outgoing_queue_bytes,
+            heartbeat=settings.heartbeat,
+            presence_timeout=settings.presence_timeout,
+        ),
+        snapshots={"items": items_snapshot},
+    )
+
+
+def token_authenticator(secret: str) -> Authenticator:
+    async def authenticate(token: str) -> UserInfo | None:
+        try:
+            claims = decode_access_token(secret, token)
+        except InvalidToken:
+            return None
+        return UserInfo(id=str(claims.user_id), name=claims.name)
+
+    return authenticate
+
+
+@contextlib.contextmanager
+def close_with_1001_on_exit(node: Node, timeout: float) -> Any:
+    """On SIGTERM/SIGINT, tell every client 1001 before the server's own shutdown runs.
+
+    Uvicorn closes WebSockets itself on shutdown, with 1012; our protocol promises 1001
+    ("reconnect and recover"). So the server's signal handler is wrapped: the node closes
+    its connections first (bounded by `timeout`), then the original handler goes on.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        original = previous.get(signum)
+
+        async def drain_then_exit() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(node.disconnect_all(CloseCode.GOING_AWAY), timeout)
+            node.closing = True
+            if callable(original):
+                original(signum, frame)
+
+        node.closing = True  # refuse new connections from now on
+        loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_exit()))
+
+    for wanted in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(wanted)
+        if callable(current) and current is not signal.default_int_handler:
+            previous[int(wanted)] = current
+            signal.signal(wanted, handler)
+    try:
+        yield
+    finally:
+        for signum, original in previous.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(signum, original)
+
+
+Getter = Callable[[], Node]

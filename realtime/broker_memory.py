@@ -1,0 +1,255 @@
+"""The one-node broker (`memory://`): the whole contract of `realtime.broker`, in-process.
+
+Everything here runs on the event loop without awaiting between taking an offset and
+delivering the frame, so offset order and delivery order cannot diverge. The only await on the
+publish path is the position seed, and state is re-checked after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import orjson
+
+from realtime.broker import (
+    Broker,
+    BrokerHandler,
+    PositionSeed,
+    Publication,
+    PublishResult,
+)
+from realtime.types import Position, new_epoch
+
+__all__ = ["MemoryBroker"]
+
+log = logging.getLogger(__name__)
+
+# Idempotency keys are remembered for `idempotency_ttl`, but never more than this many at once:
+# a flood of unique keys must not grow memory without bound. The oldest go first.
+_MAX_IDEMPOTENCY_KEYS = 100_000
+
+_EPOCH = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def channel_name(channel: str) -> str:
+    """The name a frame carries: `room:general` -> `general` (names may contain `:` too)."""
+    _, sep, rest = channel.partition(":")
+    return rest if sep else channel
+
+
+def build_frame(head: bytes, epoch: str, offset: int, fields: bytes) -> bytes:
+    """`head` is `{"type":<kind>,<name_key>:<name>`; broker-set members come before the
+    caller's, whose object braces are dropped so that no JSON is parsed or re-encoded."""
+    if not fields.startswith(b"{"):
+        raise ValueError("fields must be the bytes of a JSON object")
+    rest = fields[1:]
+    position = b',"epoch":"' + epoch.encode() + b'","offset":' + str(offset).encode()
+    if rest.strip() == b"}":
+        return head + position + b"}"
+    return head + position + b"," + rest
+
+
+def check_epoch(epoch: str) -> str:
+    """Epochs go into frames and pub/sub headers unescaped, so they must be plain tokens."""
+    if not _EPOCH.fullmatch(epoch):
+        raise ValueError(f"not a usable epoch: {epoch!r}")
+    return epoch
+
+
+def frame_head(kind: str, name_key: str, channel: str) -> bytes:
+    return (
+        b'{"type":'
+        + orjson.dumps(kind)
+        + b","
+        + orjson.dumps(name_key)
+        + b":"
+        + orjson.dumps(channel_name(channel))
+    )
+
+
+@dataclass(slots=True)
+class _Channel:
+    epoch: str
+    offset: int
+    window: deque[Publication]
+
+
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    expires: float
+    epoch: str
+    offset: int
+    msg_id: str
+
+
+@dataclass(slots=True)
+class _Idempotency:
+    """Keys in insertion order; with one TTL for all, that is also expiry order, so expired
+    keys are always at the front and dropping them is cheap."""
+
+    ttl: float
+    entries: OrderedDict[tuple[str, str], _Remembered] = field(default_factory=OrderedDict)
+
+    def get(self, channel: str, key: str, now: float) -> _Remembered | None:
+        self._drop_expired(now)
+        return self.entries.get((channel, key))
+
+    def put(self, channel: str, key: str, remembered: _Remembered) -> None:
+        self.entries[(channel, key)] = remembered
+        while len(self.entries) > _MAX_IDEMPOTENCY_KEYS:
+            self.entries.popitem(last=False)
+
+    def _drop_expired(self, now: float) -> None:
+        while self.entries:
+            first = next(iter(self.entries.values()))
+            if first.expires > now:
+                return
+            self.entries.popitem(last=False)
+
+
+class MemoryBroker(Broker):
+    """Channels live in this process only; `healthy` is always true."""
+
+    def __init__(
+        self,
+        history_window: int = 1000,
+        idempotency_ttl: float = 86400,
+        seed: PositionSeed | None = None,
+    ) -> None:
+        if history_window < 1:
+            raise ValueError("history_window must be at least 1")
+        self.history_window = history_window
+        self.idempotency_ttl = idempotency_ttl
+        self._seed = seed
+        self._channels: dict[str, _Channel] = {}
+        self._subscribed: set[str] = set()
+        self._idempotency = _Idempotency(idempotency_ttl)
+        self._handler: BrokerHandler | None = None
+
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
+
+    async def close(self) -> None:
+        self._handler = None
+        self._subscribed.clear()
+
+    async def subscribe(self, channel: str) -> None:
+        self._subscribed.add(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._subscribed.discard(channel)
+
+    async def publish(
+        self,
+        channel: str,
+        *,
+        kind: str,
+        name_key: str,
+        msg_id: str,
+        fields: bytes,
+        idempotency_key: str | None = None,
+    ) -> PublishResult:
+        head = frame_head(kind, name_key, channel)
+        state = await self._state(channel)
+        # No await from here on: the offset taken is the offset delivered, in order.
+        if idempotency_key is not None:
+            first = self._idempotency.get(channel, idempotency_key, time.monotonic())
+            if first is not None:
+                return PublishResult(
+                    epoch=first.epoch,
+                    offset=first.offset,
+                    msg_id=first.msg_id,
+                    frame=self._frame_at(channel, first.epoch, first.offset),
+                    duplicate=True,
+                )
+        offset = state.offset + 1
+        frame = build_frame(head, state.epoch, offset, fields)
+        state.offset = offset
+        publication = Publication(channel=channel, epoch=state.epoch, offset=offset, frame=frame)
+        state.window.append(publication)
+        if idempotency_key is not None:
+            self._idempotency.put(
+                channel,
+                idempotency_key,
+                _Remembered(
+                    expires=time.monotonic() + self.idempotency_ttl,
+                    epoch=state.epoch,
+                    offset=offset,
+                    msg_id=msg_id,
+                ),
+            )
+        handler = self._handler
+        if handler is not None and channel in self._subscribed:
+            try:
+                handler.on_publication(publication)
+            except Exception:
+                log.exception("broker handler failed on a publication to %s", channel)
+        return PublishResult(epoch=state.epoch, offset=offset, msg_id=msg_id, frame=frame)
+
+    async def publish_event(
+        self, channel: str, frame: bytes, *, exclude_user: str | None = None
+    ) -> None:
+        handler = self._handler
+        if handler is not None and channel in self._subscribed:
+            try:
+                handler.on_event(channel, frame, exclude_user)
+            except Exception:
+                log.exception("broker handler failed on an event to %s", channel)
+
+    async def position(self, channel: str) -> Position:
+        state = await self._state(channel)
+        return Position(state.epoch, state.offset)
+
+    async def recent(self, channel: str, since: Position) -> list[Publication] | None:
+        state = await self._state(channel)
+        if since.epoch != state.epoch or since.offset > state.offset or since.offset < 0:
+            return None
+        missing = state.offset - since.offset
+        if missing == 0:
+            return []
+        if missing > len(state.window):
+            return None
+        return list(state.window)[-missing:]
+
+    async def last_frame(self, channel: str) -> bytes | None:
+        state = self._channels.get(channel)
+        if state is None or not state.window:
+            return None
+        return state.window[-1].frame
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def _state(self, channel: str) -> _Channel:
+        state = self._channels.get(channel)
+        if state is not None:
+            return state
+        seeded = await self._seed(channel) if self._seed is not None else None
+        # Another caller may have created the channel while the seed was awaited; theirs wins
+        # so that one epoch is ever handed out.
+        state = self._channels.get(channel)
+        if state is not None:
+            return state
+        if seeded is not None:
+            state = _Channel(
+                check_epoch(seeded.epoch), seeded.offset, deque(maxlen=self.history_window)
+            )
+        else:
+            state = _Channel(new_epoch(), 0, deque(maxlen=self.history_window))
+        self._channels[channel] = state
+        return state
+
+    def _frame_at(self, channel: str, epoch: str, offset: int) -> bytes:
+        """A duplicate's first frame, while the window still holds it; else empty bytes."""
+        state = self._channels.get(channel)
+        if state is None or state.epoch != epoch or not state.window:
+            return b""
+        index = offset - state.window[0].offset
+        if 0 <= index < len(state.window):
+            return state.window[index].frame
+        return b""

@@ -1,0 +1,635 @@
+"""The many-node broker (`redis://`), on `redis.asyncio`.
+
+Keys (every key of a channel shares the hash tag `{<channel>}`, so one channel's keys live in
+one Redis Cluster slot and the Lua scripts stay legal there):
+
+- `collab:{<channel>}:meta`: hash, `e` = epoch, `o` = last offset. No TTL.
+- `collab:{<channel>}:stream`: stream of the recent window, entry id `<offset>-0`, one field
+  `f` = the frame. Trimmed to exactly `history_window` entries; no TTL. Deleted whenever a
+  new meta is created, so every entry belongs to the current epoch.
+- `collab:{<channel>}:idem:<key>`: string `"<epoch> <offset> <msg_id>"`, TTL `idempotency_ttl`.
+
+Pub/sub channel `collab:{<channel>}:ps:<db>` (pub/sub ignores databases, so the db number is
+part of the name: two deployments on different databases of one Redis never hear each other).
+Payloads carry what the listener needs without parsing JSON:
+
+- publication: `b"m" + epoch + b" " + offset + b"\\n" + frame`
+- event: `b"e\\n" + frame`, or `b"x" + exclude_user + b"\\n" + frame`
+
+Failure model: every command runs once (no retry; a blind retry of the publish script could
+publish twice) with 2 s socket timeouts, and a connection or timeout error becomes
+`BrokerUnavailable`. A publish whose reply was lost may still have happened; a client retry
+with the same idempotency key then gets the first ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+from collections.abc import Iterator
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from realtime.broker import (
+    Broker,
+    BrokerHandler,
+    BrokerUnavailable,
+    PositionSeed,
+    Publication,
+    PublishResult,
+)
+from realtime.broker_memory import build_frame, check_epoch, frame_head
+from realtime.types import Position, new_epoch
+
+__all__ = ["RedisBroker"]
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "collab:"
+_SOCKET_TIMEOUT = 2.0
+# A silent pub/sub connection is pinged after this long, and declared dead when the answer
+# does not come within the same time again: a half-open TCP connection is found in 2 x this.
+_PING_INTERVAL = 5.0
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 5.0
+_SUBSCRIBE_CHUNK = 1000
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
+
+# Writes are ordered so that a failing XADD (the only command that can fail on good input)
+# leaves nothing changed: Redis does not roll a script back.
+_PUBLISH_LUA = """
+local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
+if idem then
+  local first = redis.call('GET', idem)
+  if first then
+    local epoch, offset = string.match(first, '^(%S+) (%d+) ')
+    local frame = false
+    if redis.call('HGET', meta, 'e') == epoch then
+      local entry = redis.call('XRANGE', stream, offset .. '-0', offset .. '-0')
+      if #entry == 1 then frame = entry[1][2][2] end
+    end
+    return {1, first, frame}
+  end
+end
+local m = redis.call('HMGET', meta, 'e', 'o')
+local epoch, last = m[1], m[2]
+if not epoch then
+  if ARGV[7] == '' then return {2} end
+  epoch, last = ARGV[7], ARGV[8]
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'e', epoch, 'o', last)
+end
+local offset = string.format('%d', tonumber(last) + 1)
+local rest = string.sub(ARGV[2], 2)
+local frame
+if string.find(rest, '^%s*}%s*$') then
+  frame = ARGV[1] .. ',"epoch":"' .. epoch .. '","offset":' .. offset .. '}'
+else
+  frame = ARGV[1] .. ',"epoch":"' .. epoch .. '","offset":' .. offset .. ',' .. rest
+end
+redis.call('XADD', stream, 'MAXLEN', ARGV[4], offset .. '-0', 'f', frame)
+redis.call('HSET', meta, 'o', offset)
+redis.call('PUBLISH', ARGV[6], 'm' .. epoch .. ' ' .. offset .. '\\n' .. frame)
+if idem then
+  redis.call('SET', idem, epoch .. ' ' .. offset .. ' ' .. ARGV[3], 'PX', ARGV[5])
+end
+return {0, epoch, offset}
+"""
+
+# Creating the meta is the SETNX of a channel's life: whoever comes first names the epoch.
+_ENSURE_LUA = """
+local m = redis.call('HMGET', KEYS[1], 'e', 'o')
+if m[1] then return m end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'e', ARGV[1], 'o', ARGV[2])
+return {ARGV[1], ARGV[2]}
+"""
+
+# Meta and window read together, so the offsets checked belong to the epoch compared.
+_RECENT_LUA = """
+local m = redis.call('HMGET', KEYS[1], 'e', 'o')
+if not m[1] then return {} end
+local top, since = tonumber(m[2]), tonumber(ARGV[2])
+if m[1] ~= ARGV[1] or since > top or top - since > tonumber(ARGV[3]) then
+  return {m[1], m[2]}
+end
+if since == top then return {m[1], m[2], {}} end
+local first = string.format('%d', since + 1) .. '-0'
+return {m[1], m[2], redis.call('XRANGE', KEYS[2], first, '+')}
+"""
+
+
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+
+
+class RedisBroker(Broker):
+    """One pub/sub connection per node, subscribed to the channels with local members, kept
+    alive by a supervised listener task; commands go through a separate connection pool."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_window: int = 1000,
+        idempotency_ttl: float = 86400,
+        seed: PositionSeed | None = None,
+        node_id: str = "",
+    ) -> None:
+        if history_window < 1:
+            raise ValueError("history_window must be at least 1")
+        self.history_window = history_window
+        self.idempotency_ttl = idempotency_ttl
+        self._seed = seed
+        self.node_id = node_id
+        options: dict[str, Any] = {
+            "socket_timeout": _SOCKET_TIMEOUT,
+            "socket_connect_timeout": _SOCKET_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,
+        }
+        if node_id:
+            options["client_name"] = "collab-" + re.sub(r"[^!-~]", "_", node_id)
+        self._client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+        self._db = int(self._client.connection_pool.connection_kwargs.get("db") or 0)
+        self._publish_script = self._client.register_script(_PUBLISH_LUA)
+        self._ensure_script = self._client.register_script(_ENSURE_LUA)
+        self._recent_script = self._client.register_script(_RECENT_LUA)
+
+        self._handler: BrokerHandler | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._first_attempt = asyncio.Event()
+        self._healthy = False
+        self._closed = False
+        # The live pub/sub connection; set only while healthy, so nobody writes to a
+        # connection the listener has given up on.
+        self._conn: AbstractConnection | None = None
+        # Channels with local subscribers (the truth a reconnect restores), and the reverse
+        # map from pub/sub name for incoming messages.
+        self._wanted: dict[str, bytes] = {}
+        self._by_name: dict[bytes, str] = {}
+        self._wanted_version = 0  # bumped on every change of `_wanted`
+        # Per channel on the current connection: SUBSCRIBE commands sent and confirmations
+        # read. A subscriber waits for the confirmation of its own SUBSCRIBE (Redis answers in
+        # order), so a subscribe/unsubscribe/subscribe race never returns early.
+        self._sent: dict[str, int] = {}
+        self._confirmed: dict[str, int] = {}
+        self._waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
+        self._outstanding = 0  # SUBSCRIBEs sent on the current connection, not yet confirmed
+        self._write_lock = asyncio.Lock()
+
+    # Keys and names ---------------------------------------------------------------------
+
+    @staticmethod
+    def _key(channel: str, suffix: str) -> str:
+        return f"{_PREFIX}{{{channel}}}:{suffix}"
+
+    def _pubsub_name(self, channel: str) -> bytes:
+        return f"{_PREFIX}{{{channel}}}:ps:{self._db}".encode()
+
+    def _channel_of(self, name: bytes) -> str:
+        head = len(_PREFIX) + 1
+        tail = len(f"}}:ps:{self._db}")
+        return name[head:-tail].decode()
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    async def start(self, handler: BrokerHandler) -> None:
+        """Returns after the first connection attempt; if Redis is down, the node starts
+        unhealthy and the listener keeps trying (the hub learns through on_resubscribed)."""
+        if self._task is not None:
+            raise RuntimeError("broker already started")
+        self._handler = handler
+        self._task = asyncio.create_task(self._supervise(), name="collab-redis-listener")
+        await self._first_attempt.wait()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+        for waiters in self._waiters.values():
+            for _, future in waiters:
+                if not future.done():
+                    future.set_result(None)
+        self._waiters.clear()
+        self._handler = None
+        await self._client.aclose()
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    # Subscriptions ----------------------------------------------------------------------
+
+    async def subscribe(self, channel: str) -> None:
+        """Returns once Redis confirms the subscription, so that a position read afterwards
+        cannot miss a publication in between.
+
+        Raises BrokerUnavailable when that cannot be confirmed (Redis down or slow). The
+        channel then still counts as subscribed: the listener subscribes it when Redis is
+        back and names it in on_resubscribed; call `unsubscribe` to give it up.
+        """
+        name = self._wanted.get(channel)
+        if name is None:
+            name = self._pubsub_name(channel)
+            self._wanted[channel] = name
+            self._by_name[name] = channel
+            self._wanted_version += 1
+            conn = self._live()
+            if conn is None:
+                raise BrokerUnavailable("Redis pub/sub is reconnecting")
+            target = self._sent.get(channel, 0) + 1
+            self._sent[channel] = target
+            self._outstanding += 1
+            future = self._add_waiter(channel, target)
+            await self._send(conn, "SUBSCRIBE", name)
+        else:
+            if self._live() is None:
+                raise BrokerUnavailable("Redis pub/sub is reconnecting")
+            target = self._sent.get(channel, 0)
+            if self._confirmed.get(channel, 0) >= target:
+                return
+            future = self._add_waiter(channel, target)
+        try:
+            await asyncio.wait_for(future, _SOCKET_TIMEOUT)
+        except TimeoutError:
+            raise BrokerUnavailable("Redis did not confirm the subscription") from None
+        finally:
+            self._drop_waiter(channel, future)
+
+    async def unsubscribe(self, channel: str) -> None:
+        name = self._wanted.pop(channel, None)
+        if name is None:
+            return
+        del self._by_name[name]
+        self._wanted_version += 1
+        self._forget_if_settled(channel)
+        conn = self._live()
+        if conn is not None:
+            await self._send(conn, "UNSUBSCRIBE", name)
+
+    def _live(self) -> AbstractConnection | None:
+        """The pub/sub connection, if a command may be written to it now. Writing to one the
+        listener has given up on would make redis-py quietly reconnect it underneath."""
+        conn = self._conn
+        if conn is None or not self._healthy or not conn.is_connected:
+            return None
+        return conn
+
+    async def _send(self, conn: AbstractConnection, *args: str | bytes) -> None:
+        """Shielded: redis-py drops a connection whose write was cancelled, and one caller
+        going away must not cost every channel of the node a resubscription. A failed write
+        is the listener's to notice: it reconnects and resubscribes what is wanted."""
+        await asyncio.shield(self._send_now(conn, *args))
+
+    async def _send_now(self, conn: AbstractConnection, *args: str | bytes) -> None:
+        # The lock keeps a write and the listener's teardown of the connection apart
+        # (redis-py fails on a writer removed mid-send).
+        async with self._write_lock:
+            if self._conn is not conn or not conn.is_connected:
+                return
+            with contextlib.suppress(*_UNAVAILABLE):
+                await conn.send_command(*args, check_health=False)
+
+    def _add_waiter(self, channel: str, target: int) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(channel, []).append((target, future))
+        return future
+
+    def _drop_waiter(self, channel: str, future: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(channel)
+        if waiters is None:
+            return
+        waiters[:] = [(t, f) for t, f in waiters if f is not future]
+        if not waiters:
+            del self._waiters[channel]
+
+    def _forget_if_settled(self, channel: str) -> None:
+        """Keeps the per-connection counters bounded by the channels in use."""
+        if channel not in self._wanted and self._confirmed.get(channel, 0) >= self._sent.get(
+            channel, 0
+        ):
+            self._sent.pop(channel, None)
+            self._confirmed.pop(channel, None)
+
+    def _on_confirmed(self, channel: str) -> None:
+        self._outstanding -= 1
+        count = self._confirmed.get(channel, 0) + 1
+        self._confirmed[channel] = count
+        waiters = self._waiters.get(channel)
+        if waiters:
+            keep = []
+            for target, future in waiters:
+                if target <= count:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    keep.append((target, future))
+            if keep:
+                self._waiters[channel] = keep
+            else:
+                del self._waiters[channel]
+        self._forget_if_settled(channel)
+
+    # The listener -----------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        delay = _BACKOFF_MIN
+        announce = False
+        failures = 0
+        while True:
+            conn = cast(AbstractConnection, self._client.connection_pool.make_connection())  # type: ignore[no-untyped-call]
+            try:
+                buffered = await self._resubscribe(conn)
+                self._conn = conn
+                self._healthy = True
+                self._first_attempt.set()
+                delay = _BACKOFF_MIN
+                failures = 0
+                if announce:
+                    log.info("Redis pub/sub back; %d channels resubscribed", len(self._wanted))
+                    self._announce()
+                for channel, payload in buffered:
+                    self._dispatch(channel, payload)
+                await self._listen(conn)
+            except _UNAVAILABLE as exc:
+                # One warning per outage; the retries of a long one would flood the log.
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "Redis pub/sub connection failed (%s); retrying", exc)
+            except Exception:
+                log.exception("Redis pub/sub listener failed; reconnecting")
+            finally:
+                self._healthy = False
+                async with self._write_lock:
+                    self._conn = None
+                    await conn.disconnect(nowait=True)
+            self._first_attempt.set()
+            announce = True
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _resubscribe(self, conn: AbstractConnection) -> list[tuple[str, bytes]]:
+        """Connects and subscribes every wanted channel, waiting for every confirmation, so
+        that on_resubscribed (and therefore recovery) comes after the subscriptions are live.
+        Messages that arrive meanwhile are returned, to be delivered after the announcement.
+
+        `subscribe` and `unsubscribe` may change the wanted set meanwhile (they only record
+        while unhealthy); the loop catches up with them, and the last check of the set is not
+        separated from going healthy by any await.
+        """
+        await conn.connect()  # type: ignore[no-untyped-call]
+        self._sent.clear()
+        self._confirmed.clear()
+        self._outstanding = 0
+        # Waiters from the lost connection are satisfied by this connection's SUBSCRIBE.
+        for channel in list(self._waiters):
+            if channel in self._wanted:
+                self._waiters[channel] = [(1, future) for _, future in self._waiters[channel]]
+            else:
+                for _, future in self._waiters.pop(channel):
+                    if not future.done():
+                        future.set_result(None)
+        buffered: list[tuple[str, bytes]] = []
+        dropped: set[str] = set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _SOCKET_TIMEOUT
+        checked = -1
+        while True:
+            if checked == self._wanted_version:
+                if self._outstanding == 0:
+                    return buffered
+            else:
+                # Scanning the sets only when they changed keeps a reconnect with many
+                # channels linear.
+                checked = self._wanted_version
+                stale = [c for c in self._sent if c not in self._wanted and c not in dropped]
+                fresh = [c for c in self._wanted if c not in self._sent or c in dropped]
+                if stale:
+                    dropped.update(stale)
+                    names = [self._pubsub_name(channel) for channel in stale]
+                    await conn.send_command("UNSUBSCRIBE", *names, check_health=False)
+                for start in range(0, len(fresh), _SUBSCRIBE_CHUNK):
+                    chunk = fresh[start : start + _SUBSCRIBE_CHUNK]
+                    for channel in chunk:
+                        dropped.discard(channel)
+                        self._sent[channel] = self._sent.get(channel, 0) + 1
+                        self._outstanding += 1
+                    names = [self._pubsub_name(channel) for channel in chunk]
+                    await conn.send_command("SUBSCRIBE", *names, check_health=False)
+                    deadline = loop.time() + _SOCKET_TIMEOUT
+                continue
+            reply = await conn.read_response(
+                timeout=max(0.001, deadline - loop.time()), disconnect_on_error=False
+            )
+            if reply is None:
+                raise RedisTimeoutError("Redis did not confirm the resubscription")
+            message = self._handle(reply)
+            if message is not None:
+                buffered.append(message)
+
+    async def _listen(self, conn: AbstractConnection) -> None:
+        pinged = False
+        while True:
+            reply = await conn.read_response(timeout=_PING_INTERVAL, disconnect_on_error=False)
+            if reply is None:
+                if pinged:
+                    raise RedisTimeoutError("Redis stopped answering on the pub/sub connection")
+                async with self._write_lock:
+                    await conn.send_command("PING", check_health=False)
+                pinged = True
+                continue
+            pinged = False
+            message = self._handle(reply)
+            if message is not None:
+                self._dispatch(*message)
+
+    def _handle(self, reply: object) -> tuple[str, bytes] | None:
+        """A message for a wanted channel, or None after bookkeeping."""
+        if not isinstance(reply, list) or len(reply) < 2:
+            return None  # PONG outside subscribed mode: liveness only
+        kind = reply[0]
+        if kind == b"message" and len(reply) == 3:
+            channel = self._by_name.get(reply[1])
+            if channel is None:
+                return None  # unsubscribed while the message was on its way
+            return channel, reply[2]
+        if kind == b"subscribe":
+            self._on_confirmed(self._channel_of(reply[1]))
+        return None
+
+    def _dispatch(self, channel: str, payload: bytes) -> None:
+        handler = self._handler
+        if handler is None or channel not in self._wanted:
+            return
+        try:
+            newline = payload.index(b"\n")
+            marker = payload[:1]
+            if marker == b"m":
+                space = payload.index(b" ", 1, newline)
+                handler.on_publication(
+                    Publication(
+                        channel=channel,
+                        epoch=payload[1:space].decode(),
+                        offset=int(payload[space + 1 : newline]),
+                        frame=payload[newline + 1 :],
+                    )
+                )
+            elif marker == b"e":
+                handler.on_event(channel, payload[newline + 1 :], None)
+            elif marker == b"x":
+                handler.on_event(channel, payload[newline + 1 :], payload[1:newline].decode())
+            else:
+                log.warning("unknown payload on %s: %r", channel, payload[:32])
+        except Exception:
+            log.exception("broker handler failed on a message for %s", channel)
+
+    def _announce(self) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        try:
+            handler.on_resubscribed(sorted(self._wanted))
+        except Exception:
+            log.exception("broker handler failed on_resubscribed")
+
+    # Commands ---------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        *,
+        kind: str,
+        name_key: str,
+        msg_id: str,
+        fields: bytes,
+        idempotency_key: str | None = None,
+    ) -> PublishResult:
+        if not fields.startswith(b"{"):
+            raise ValueError("fields must be the bytes of a JSON object")
+        head = frame_head(kind, name_key, channel)
+        keys = [self._key(channel, "meta"), self._key(channel, "stream")]
+        if idempotency_key is not None:
+            keys.append(self._key(channel, "idem:" + idempotency_key))
+        args: list[bytes | str | int] = [
+            head,
+            fields,
+            msg_id,
+            self.history_window,
+            max(1, int(self.idempotency_ttl * 1000)),
+            self._pubsub_name(channel),
+        ]
+        # Without a seed a fresh epoch rides along (no extra round trip on a new channel);
+        # with one, a missing meta is reported and the seed asked only then.
+        start = ("", 0) if self._seed is not None else (new_epoch(), 0)
+        with _unavailable():
+            reply = await self._publish_script(keys=keys, args=[*args, *start])
+            if reply[0] == 2:
+                initial = await self._initial_position(channel)
+                reply = await self._publish_script(
+                    keys=keys, args=[*args, initial.epoch, initial.offset]
+                )
+        if reply[0] == 1:
+            epoch, offset, first_id = reply[1].decode().split(" ", 2)
+            return PublishResult(
+                epoch=epoch,
+                offset=int(offset),
+                msg_id=first_id,
+                frame=reply[2] or b"",
+                duplicate=True,
+            )
+        epoch = reply[1].decode()
+        offset = int(reply[2])
+        return PublishResult(
+            epoch=epoch,
+            offset=offset,
+            msg_id=msg_id,
+            frame=build_frame(head, epoch, offset, fields),
+        )
+
+    async def publish_event(
+        self, channel: str, frame: bytes, *, exclude_user: str | None = None
+    ) -> None:
+        if exclude_user is None:
+            payload = b"e\n" + frame
+        else:
+            if "\n" in exclude_user:
+                raise ValueError("exclude_user may not contain a newline")
+            payload = b"x" + exclude_user.encode() + b"\n" + frame
+        with _unavailable():
+            await self._client.publish(self._pubsub_name(channel), payload)
+
+    async def position(self, channel: str) -> Position:
+        with _unavailable():
+            meta = await self._client.hmget(self._key(channel, "meta"), ["e", "o"])
+            epoch, offset = cast(list[bytes | None], meta)
+            if epoch is None or offset is None:
+                return await self._ensure(channel)
+        return Position(epoch.decode(), int(offset))
+
+    async def recent(self, channel: str, since: Position) -> list[Publication] | None:
+        if since.offset < 0:
+            return None
+        keys = [self._key(channel, "meta"), self._key(channel, "stream")]
+        args: list[str | int] = [since.epoch, since.offset, self.history_window]
+        with _unavailable():
+            reply = await self._recent_script(keys=keys, args=args)
+            if not reply:
+                await self._ensure(channel)
+                reply = await self._recent_script(keys=keys, args=args)
+        if len(reply) < 3:
+            return None
+        epoch = reply[0].decode()
+        top = int(reply[1])
+        entries = reply[2]
+        # Prove completeness: exactly the offsets since+1 .. top, none missing, none extra.
+        if len(entries) != top - since.offset:
+            return None
+        publications = []
+        for expected, (entry_id, fields) in enumerate(entries, since.offset + 1):
+            if entry_id != f"{expected}-0".encode():
+                return None
+            publications.append(Publication(channel, epoch, expected, fields[1]))
+        return publications
+
+    async def last_frame(self, channel: str) -> bytes | None:
+        with _unavailable():
+            reply = await self._client.xrevrange(self._key(channel, "stream"), count=1)
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], reply)
+        if not entries:
+            return None
+        return entries[0][1].get(b"f")
+
+    async def _initial_position(self, channel: str) -> Position:
+        seeded = await self._seed(channel) if self._seed is not None else None
+        if seeded is None:
+            return Position(new_epoch(), 0)
+        return Position(check_epoch(seeded.epoch), seeded.offset)
+
+    async def _ensure(self, channel: str) -> Position:
+        initial = await self._initial_position(channel)
+        keys = [self._key(channel, "meta"), self._key(channel, "stream")]
+        reply = await self._ensure_script(keys=keys, args=[initial.epoch, initial.offset])
+        return Position(reply[0].decode(), int(reply[1]))

@@ -1,0 +1,221 @@
+"""One WebSocket: a bounded outgoing queue, a writer only when backed up, and a rate limit.
+
+Delivery is the hot path of the whole server (one message to thousands of members), so it
+costs as little as possible when nothing is backed up: `deliver` writes straight into the
+ASGI `send` of the socket without a task, future or copy per member. Only when the socket
+cannot take more (the peer reads slowly and the transport paused writing) does the frame go to
+a queue bounded in bytes, drained by a writer task that exists only while the backlog does.
+A peer that lets the queue overflow is closed with 4408 and recovers when it reconnects; it
+never makes the node buffer without limit and never delays other members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from realtime.protocol import CLOSE_REASONS, CloseCode
+from realtime.types import UserInfo
+
+log = logging.getLogger("collab.realtime")
+
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class TokenBucket:
+    """`rate` tokens a second up to `burst`: a steady pace with room for short bursts."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Carry on a `send` coroutine that `deliver` started and that had to wait.
+
+    `deliver` runs the coroutine's first step inline; when the transport is paused the
+    coroutine stops at a future (the transport becoming writable). This waits for that
+    future the way an asyncio task would, then resumes the coroutine until it finishes.
+    """
+    try:
+        while True:
+            if waiting is None:  # a bare yield: asyncio's way to give up one loop turn
+                await asyncio.sleep(0)
+            else:
+                try:
+                    await waiting
+                except asyncio.CancelledError:
+                    coro.close()
+                    raise
+                except Exception:  # noqa: S110 - the coroutine sees the outcome itself
+                    pass
+            waiting = coro.send(None)
+    except StopIteration:
+        return
+
+
+class Connection:
+    """One client's socket as the hub sees it."""
+
+    __slots__ = (
+        "_closing",
+        "_queue",
+        "_queued_bytes",
+        "_send",
+        "_writer",
+        "bucket",
+        "close_code",
+        "conn_id",
+        "flood_strikes",
+        "joined",
+        "max_queue_bytes",
+        "on_close",
+        "presence_events",
+        "user",
+    )
+
+    def __init__(
+        self,
+        conn_id: str,
+        user: UserInfo,
+        send: ASGISend,
+        *,
+        max_queue_bytes: int,
+        rate: float,
+        burst: int,
+    ) -> None:
+        self.conn_id = conn_id
+        self.user = user
+        self._send = send
+        self.max_queue_bytes = max_queue_bytes
+        self._queue: deque[str] = deque()
+        self._queued_bytes = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.close_code: int | None = None
+        self.bucket = TokenBucket(rate, burst)
+        self.flood_strikes = 0
+        # Rooms (or feeds) this connection has joined; the hub keeps the reverse index.
+        self.joined: set[str] = set()
+        # Rooms whose presence_diff events this connection asked not to get.
+        self.presence_events: dict[str, bool] = {}
+        # Called once when the connection is closed by the server (for example 4408).
+        self.on_close: Callable[[Connection], None] | None = None
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def backed_up(self) -> bool:
+        return self._writer is not None
+
+    def deliver(self, text: str) -> None:
+        """Send a frame now if the socket takes it, else queue it; never blocks the caller."""
+        if self._closing:
+            return
+        if self._writer is not None:
+            self._enqueue(text)
+            return
+        sending = self._send({"type": "websocket.send", "text": text})
+        if not isinstance(sending, Coroutine):  # a server whose send is not a coroutine
+            self._writer = asyncio.get_running_loop().create_task(self._drain(sending, None))
+            return
+        coro = sending
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return  # written straight into the transport
+        except Exception:  # the peer went away: the reader notices and cleans up
+            self._closing = True
+            return
+        self._writer = asyncio.get_running_loop().create_task(self._drain(coro, waiting))
+
+    def _enqueue(self, text: str) -> None:
+        size = len(text)
+        if self._queued_bytes + size > self.max_queue_bytes:
+            log.info("connection %s too slow: outgoing queue over %d bytes", self.conn_id, size)
+            self.close_soon(CloseCode.TOO_SLOW)
+            return
+        self._queue.append(text)
+        self._queued_bytes += size
+
+    async def _drain(self, first: Awaitable[None], waiting: Any) -> None:
+        try:
+            if isinstance(first, Coroutine):
+                await _finish(first, waiting)
+            else:
+                await first
+            while self._queue and not self._closing:
+                text = self._queue.popleft()
+                self._queued_bytes -= len(text)
+                await self._send({"type": "websocket.send", "text": text})
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the peer went away mid-backlog; the reader cleans up
+            self._closing = True
+        finally:
+            self._writer = None
+            if self._closing and self.close_code is not None:
+                await self._send_close()
+
+    def close_soon(self, code: CloseCode | int, reason: str | None = None) -> None:
+        """Close from anywhere (a fan-out loop, a timer) without waiting for it."""
+        if self._closing:
+            return
+        self._closing = True
+        self.close_code = int(code)
+        self._queue.clear()
+        self._queued_bytes = 0
+        if self._writer is not None:
+            # The socket is stuck on a slow peer; a close frame queued behind it would wait
+            # as long. Stop the writer and send the close from a fresh task.
+            self._writer.cancel()
+            self._writer = None
+        asyncio.get_running_loop().create_task(self._send_close(reason))
+        if self.on_close is not None:
+            self.on_close(self)
+
+    async def close(self, code: CloseCode | int, reason: str | None = None) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.close_code = int(code)
+        self._queue.clear()
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        await self._send_close(reason)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    async def _send_close(self, reason: str | None = None) -> None:
+        code = self.close_code or int(CloseCode.NORMAL)
+        if reason is None:
+            try:
+                reason = CLOSE_REASONS[CloseCode(code)]
+            except ValueError:
+                reason = ""
+        # Already gone means nothing is left to tell the peer.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._send({"type": "websocket.close", "code": code, "reason": reason}), 5.0
+            )

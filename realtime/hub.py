@@ -1,0 +1,258 @@
+"""This node's connections and what they have joined; fan-out of broker traffic to them.
+
+The hub knows nothing of commands or storage. It keeps, per channel (`room:<name>` or
+`feed:<name>`), the local members and the last offset this node delivered, and turns each
+publication into one decoded text frame handed to every member: one decode per message per
+node, no task or copy per member.
+
+Ordering and gaps: the broker delivers one channel's publications in offset order. When the
+hub sees an offset jump (a lost pub/sub message) or the broker reports a reconnect, it pauses
+the channel, fetches what it missed from the broker's recent window, delivers that, and goes
+on; when the window no longer reaches back it closes the channel's members with 1011 so they
+reconnect and recover from the durable store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from realtime.broker import Broker, BrokerUnavailable, Publication
+from realtime.connection import Connection
+from realtime.protocol import CloseCode
+from realtime.types import Position
+
+log = logging.getLogger("collab.realtime")
+
+_PRESENCE_DIFF_PREFIX = b'{"type":"presence_diff"'
+
+
+@dataclass(slots=True)
+class Member:
+    conn: Connection
+    # Deliver only offsets above this one: the position the member's `joined` reply named.
+    floor: int = 0
+    # Until the member's joined/subscribed reply is sent, deliveries wait here.
+    pending: list[tuple[int, str]] | None = field(default_factory=list)
+    presence_events: bool = True
+
+
+@dataclass(slots=True)
+class Channel:
+    name: str
+    members: dict[str, Member] = field(default_factory=dict)
+    epoch: str | None = None
+    offset: int = 0
+    recovering: bool = False
+    backlog: list[Publication] = field(default_factory=list)
+
+
+class Hub:
+    """Local membership and fan-out; the broker handler of this node."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.channels: dict[str, Channel] = {}
+        self.connections: dict[str, Connection] = {}
+        self.user_connections: dict[str, int] = {}
+        self._sub_ops: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.deliveries = 0
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def add_connection(self, conn: Connection) -> None:
+        self.connections[conn.conn_id] = conn
+        self.user_connections[conn.user.id] = self.user_connections.get(conn.user.id, 0) + 1
+
+    def remove_connection(self, conn: Connection) -> None:
+        if self.connections.pop(conn.conn_id, None) is None:
+            return
+        left = self.user_connections.get(conn.user.id, 1) - 1
+        if left > 0:
+            self.user_connections[conn.user.id] = left
+        else:
+            self.user_connections.pop(conn.user.id, None)
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def _chain(self, name: str, op: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """Run subscribe/unsubscribe of one channel strictly in call order.
+
+        Without it, a last member leaving and a new first member joining at once could reach
+        the broker as subscribe-then-unsubscribe and leave the node deaf to the channel.
+        """
+        previous = self._sub_ops.get(name)
+
+        async def run() -> None:
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous
+            await op()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._sub_ops[name] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._sub_ops.get(name) is done:
+                del self._sub_ops[name]
+            if not done.cancelled() and done.exception() is not None:
+                log.warning("broker (un)subscribe of %s failed: %s", name, done.exception())
+
+        task.add_done_callback(forget)
+        return task
+
+    async def add_member(self, name: str, conn: Connection, presence_events: bool = True) -> Member:
+        """Make `conn` a member of channel `name`, subscribing the node if it is the first.
+
+        The member starts *pending*: what arrives is held until `activate` (after the caller
+        has sent its reply), so nothing published meanwhile is lost or sent before the reply.
+        Raises BrokerUnavailable when the node cannot subscribe.
+        """
+        channel = self.channels.get(name)
+        if channel is None:
+            channel = Channel(name)
+            self.channels[name] = channel
+        member = Member(conn, presence_events=presence_events)
+        channel.members[conn.conn_id] = member
+        conn.joined.add(name)
+        subscribing = self._sub_ops.get(name)
+        if len(channel.members) == 1 or subscribing is not None:
+            if len(channel.members) == 1:
+                subscribing = self._chain(name, lambda: self.broker.subscribe(name))
+            assert subscribing is not None
+            try:
+                await asyncio.shield(subscribing)
+            except Exception as exc:
+                self.remove_member(name, conn)
+                raise BrokerUnavailable(str(exc)) from exc
+        return member
+
+    def activate(self, name: str, conn: Connection, floor: Position) -> None:
+        """The reply went out: deliver what waited (above `floor`), then deliver live."""
+        channel = self.channels.get(name)
+        member = channel.members.get(conn.conn_id) if channel else None
+        if channel is None or member is None:
+            return
+        if channel.epoch is None or channel.epoch != floor.epoch:
+            # The channel's first position on this node, or the member saw a newer epoch.
+            channel.epoch, channel.offset = floor.epoch, max(floor.offset, 0)
+        elif floor.offset > channel.offset:
+            channel.offset = floor.offset
+        member.floor = floor.offset
+        waiting, member.pending = member.pending or [], None
+        for offset, text in waiting:
+            if offset > member.floor:
+                conn.deliver(text)
+
+    def remove_member(self, name: str, conn: Connection) -> bool:
+        """Forget a membership; unsubscribe the node when it was the last. False if not a member."""
+        conn.joined.discard(name)
+        channel = self.channels.get(name)
+        if channel is None or channel.members.pop(conn.conn_id, None) is None:
+            return False
+        if not channel.members:
+            del self.channels[name]
+            self._chain(name, lambda: self.broker.unsubscribe(name))
+        return True
+
+    def is_member(self, name: str, conn: Connection) -> bool:
+        return name in conn.joined
+
+    # -- broker handler ------------------------------------------------------------------------
+
+    def on_publication(self, publication: Publication) -> None:
+        channel = self.channels.get(publication.channel)
+        if channel is None:
+            return
+        if channel.recovering:
+            channel.backlog.append(publication)
+            return
+        if channel.epoch == publication.epoch:
+            if publication.offset <= channel.offset:
+                return  # seen already (a recovery overlapped the live stream)
+            if publication.offset > channel.offset + 1:
+                channel.backlog.append(publication)
+                self._spawn(self._recover(channel))
+                return
+        elif channel.epoch is not None and channel.offset > 0:
+            # The broker lost the channel's counter: every position clients hold is void.
+            self._reset(channel)
+            return
+        self._deliver(channel, publication)
+
+    def _deliver(self, channel: Channel, publication: Publication) -> None:
+        channel.epoch, channel.offset = publication.epoch, publication.offset
+        text = publication.frame.decode()
+        offset = publication.offset
+        count = 0
+        for member in channel.members.values():
+            if member.pending is not None:
+                member.pending.append((offset, text))
+            elif offset > member.floor:
+                member.conn.deliver(text)
+                count += 1
+        self.deliveries += count
+
+    def on_event(self, channel_name: str, frame: bytes, exclude_user: str | None) -> None:
+        channel = self.channels.get(channel_name)
+        if channel is None:
+            return
+        text = frame.decode()
+        is_presence = frame.startswith(_PRESENCE_DIFF_PREFIX)
+        for member in channel.members.values():
+            if member.pending is not None:
+                continue  # its reply carries the state this event would change
+            if is_presence and not member.presence_events:
+                continue
+            if exclude_user is not None and member.conn.user.id == exclude_user:
+                continue
+            member.conn.deliver(text)
+
+    def on_resubscribed(self, channels: list[str]) -> None:
+        for name in channels:
+            channel = self.channels.get(name)
+            if channel is not None and channel.epoch is not None:
+                self._spawn(self._recover(channel))
+
+    async def _recover(self, channel: Channel) -> None:
+        """Fill a gap from the broker's window, or send the members off to recover."""
+        if channel.recovering or channel.epoch is None:
+            return
+        channel.recovering = True
+        try:
+            missed = await self.broker.recent(channel.name, Position(channel.epoch, channel.offset))
+        except BrokerUnavailable:
+            missed = None
+        channel.recovering = False
+        if self.channels.get(channel.name) is not channel:
+            return
+        if missed is None:
+            self._reset(channel)
+            return
+        backlog, channel.backlog = channel.backlog, []
+        for publication in sorted([*missed, *backlog], key=lambda p: p.offset):
+            if publication.epoch == channel.epoch and publication.offset == channel.offset + 1:
+                self._deliver(channel, publication)
+
+    def _reset(self, channel: Channel) -> None:
+        """Positions on this channel can no longer be continued: members reconnect and recover."""
+        log.warning("channel %s lost continuity; asking its members to recover", channel.name)
+        channel.backlog.clear()
+        for member in list(channel.members.values()):
+            member.conn.close_soon(CloseCode.INTERNAL_ERROR, "stream interrupted, recover")
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks) + list(self._sub_ops.values()):
+            task.cancel()
+        for task in list(self._tasks) + list(self._sub_ops.values()):
+            with contextlib.suppress(BaseException):
+                await task

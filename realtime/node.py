@@ -1,0 +1,489 @@
+"""The node: every command of PROTOCOL.md carried out over the hub and the backends.
+
+`Node` is the centre of the realtime core. It starts with whatever backends it is given
+(memory ones for one process, Redis ones for many) and the storage interfaces that
+`persistence` implements. The endpoints only move frames between sockets and `Node.handle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from realtime import protocol as p
+from realtime.broker import Broker, BrokerUnavailable
+from realtime.connection import Connection
+from realtime.hub import Hub
+from realtime.presence import Member, Presence, PresenceUnavailable
+from realtime.storage import HistoryReader, MessageSink, RoomAccess, SinkUnavailable, StoredMessage
+from realtime.types import Position, UserInfo, new_msg_id
+
+log = logging.getLogger("collab.realtime")
+
+ROOM = "room:"
+FEED = "feed:"
+ITEMS_FEED = "items"
+# How many stored messages a reconnecting client may be handed in `missed`; past this it
+# reloads history instead (a client that was away that long wants a page, not a flood).
+MAX_RECOVERY = 1000
+# Presence joins and leaves are gathered this long and announced in one event per room.
+PRESENCE_COALESCE = 0.1
+
+SnapshotProvider = Callable[[], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLimits:
+    max_body_bytes: int = 16 * 1024
+    max_frame_bytes: int = 64 * 1024
+    rate: float = 20.0
+    burst: int = 50
+    max_connections_per_user: int = 20
+    max_connections: int = 10_000
+    outgoing_queue_bytes: int = 1024 * 1024
+    heartbeat: float = 25.0
+    presence_timeout: float = 30.0
+
+
+class Node:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        broker: Broker,
+        presence: Presence,
+        sink: MessageSink,
+        history: HistoryReader,
+        access: RoomAccess,
+        limits: NodeLimits | None = None,
+        snapshots: dict[str, SnapshotProvider] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.broker = broker
+        self.presence = presence
+        self.sink = sink
+        self.history = history
+        self.access = access
+        self.limits = limits or NodeLimits()
+        self.snapshots = snapshots or {}
+        self.hub = Hub(broker)
+        self._diffs: dict[str, dict[str, tuple[UserInfo, bool]]] = {}
+        self._diff_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.closing = False
+        self.published = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.presence.start()
+        await self.sink.start()
+        await self.broker.start(self.hub)
+        self._sweeper = asyncio.get_running_loop().create_task(self._presence_loop())
+
+    async def close(self) -> None:
+        """Close every connection with 1001 (clients reconnect elsewhere), then the backends."""
+        self.closing = True
+        await self.disconnect_all(p.CloseCode.GOING_AWAY)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        self._flush_diffs()
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), 2.0)
+        await self.hub.close()
+        await self.sink.close()
+        await self.broker.close()
+        await self.presence.close()
+
+    async def disconnect_all(self, code: p.CloseCode) -> None:
+        connections = list(self.hub.connections.values())
+        await asyncio.gather(*(conn.close(code) for conn in connections), return_exceptions=True)
+        for conn in connections:
+            await self.disconnect(conn)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def admit(self, user: UserInfo) -> p.CloseCode | int | None:
+        """Why a new connection of `user` may not open now, or None."""
+        if self.closing:
+            return p.CloseCode.GOING_AWAY
+        if len(self.hub.connections) >= self.limits.max_connections:
+            return 1013  # RFC 6455 "try again later": this node is full, another may not be
+        if self.hub.user_connections.get(user.id, 0) >= self.limits.max_connections_per_user:
+            return p.CloseCode.TOO_MANY_CONNECTIONS
+        return None
+
+    def connect(self, conn: Connection) -> bytes:
+        """Register a connection; its welcome frame."""
+        self.hub.add_connection(conn)
+        return p.welcome(
+            conn.conn_id,
+            self.node_id,
+            conn.user,
+            self.limits.heartbeat,
+            {
+                "max_body_bytes": self.limits.max_body_bytes,
+                "rate": self.limits.rate,
+                "burst": self.limits.burst,
+            },
+        )
+
+    async def disconnect(self, conn: Connection) -> None:
+        """The socket is gone: leave everything it joined, announcing leaves."""
+        if conn.conn_id not in self.hub.connections:
+            return
+        for name in list(conn.joined):
+            self.hub.remove_member(name, conn)
+            if name.startswith(ROOM):
+                await self._presence_leave(name[len(ROOM) :], conn)
+        self.hub.remove_connection(conn)
+
+    # -- commands ------------------------------------------------------------------------------
+
+    async def handle(self, conn: Connection, command: p.Command) -> bytes | None:
+        """Carry out one command; the reply frame (None when the command has none)."""
+        if isinstance(command, p.Publish):
+            return await self.publish(conn, command)
+        if isinstance(command, p.Ping):
+            return p.pong(command.id)
+        if isinstance(command, p.Typing):
+            return await self.typing(conn, command)
+        if isinstance(command, p.Join):
+            return await self.join(conn, command)
+        if isinstance(command, p.Leave):
+            return await self.leave(conn, command)
+        if isinstance(command, p.PresenceQuery):
+            return await self.presence_query(conn, command)
+        if isinstance(command, p.History):
+            return await self.history_query(conn, command)
+        if isinstance(command, p.Subscribe):
+            return await self.subscribe(conn, command)
+        return await self.unsubscribe(conn, command)
+
+    async def _check_access(self, room: str, user: UserInfo, command_id: p.CommandId) -> None:
+        if not await self.access.can_access(room, user):
+            raise p.ProtocolError(
+                p.ErrorCode.FORBIDDEN, f"you are not a member of room '{room}'", command_id
+            )
+
+    async def join(self, conn: Connection, command: p.Join) -> bytes:
+        room, channel = command.room, ROOM + command.room
+        await self._check_access(room, conn.user, command.id)
+        if self.hub.is_member(channel, conn):
+            position = await self.broker.position(channel)
+            members = await self.presence.members(room)
+            missed, recovered = await self._recover(room, channel, command.since, position)
+            return p.joined(
+                command.id,
+                room,
+                position.epoch,
+                position.offset,
+                [m.as_dict() for m in members],
+                recovered,
+                missed,
+            )
+        await self.hub.add_member(channel, conn, command.presence_events)
+        try:
+            if await self.presence.add(room, conn.conn_id, conn.user, self.node_id):
+                self._queue_diff(room, conn.user, joined=True)
+            position = await self.broker.position(channel)
+            members = await self.presence.members(room)
+            missed, recovered = await self._recover(room, channel, command.since, position)
+        except BaseException:
+            self.hub.remove_member(channel, conn)
+            with contextlib.suppress(Exception):
+                await self._presence_leave(room, conn)
+            raise
+        conn.deliver(
+            p.joined(
+                command.id,
+                room,
+                position.epoch,
+                position.offset,
+                [m.as_dict() for m in members],
+                recovered,
+                missed,
+            ).decode()
+        )
+        self.hub.activate(channel, conn, position)
+        return b""
+
+    async def _recover(
+        self, room: str, channel: str, since: Position | None, now: Position
+    ) -> tuple[list[bytes], bool]:
+        """What a client at `since` missed, from the broker's window and then the database.
+
+        `recovered` is true only when the offsets prove the answer complete: one epoch,
+        every offset from since+1 to now, each once.
+        """
+        if since is None or since.epoch != now.epoch or since.offset > now.offset:
+            return [], False
+        if since.offset == now.offset:
+            return [], True
+        frames: list[bytes] = []
+        cursor = since.offset
+        while cursor < now.offset and len(frames) < MAX_RECOVERY:
+            # The newest messages may not be stored yet (persistence is asynchronous) and the
+            # oldest may have left the broker's window: the window first, then the database.
+            recent = await self.broker.recent(channel, Position(now.epoch, cursor))
+            if recent is not None:
+                frames.extend(pub.frame for pub in recent if pub.offset <= now.offset)
+                cursor = now.offset
+                break
+            stored, _ = await self.history.page(
+                room, now.epoch, after=cursor, limit=min(200, MAX_RECOVERY - len(frames))
+            )
+            contiguous = 0
+            for message in stored:
+                if message.offset != cursor + 1 + contiguous or message.offset > now.offset:
+                    break
+                frames.append(orjson.dumps(message.event()))
+                contiguous += 1
+            if contiguous == 0:
+                break
+            cursor += contiguous
+        if cursor != now.offset:
+            return [], False
+        return frames, True
+
+    async def leave(self, conn: Connection, command: p.Leave) -> bytes:
+        channel = ROOM + command.room
+        if self.hub.remove_member(channel, conn):
+            await self._presence_leave(command.room, conn)
+        return p.left(command.id, command.room)
+
+    async def publish(self, conn: Connection, command: p.Publish) -> bytes | None:
+        room, channel = command.room, ROOM + command.room
+        if not self.hub.is_member(channel, conn):
+            raise p.ProtocolError(
+                p.ErrorCode.NOT_JOINED, f"join room '{room}' before publishing", command.id
+            )
+        ts = p.utc_timestamp()
+        msg_id = new_msg_id()
+        fields = p.message_fields(
+            msg_id, command.client_msg_id, conn.user, command.body_json or command.body, ts
+        )
+        key = f"{conn.user.id}:{command.client_msg_id}" if command.client_msg_id else None
+        result = await self.broker.publish(
+            channel,
+            kind="message",
+            name_key="room",
+            msg_id=msg_id,
+            fields=fields,
+            idempotency_key=key,
+        )
+        self.published += 1
+        message = StoredMessage(
+            msg_id=result.msg_id,
+            room=room,
+            epoch=result.epoch,
+            offset=result.offset,
+            user=conn.user,
+            body=command.body,
+            client_msg_id=command.client_msg_id,
+            ts=ts,
+        )
+        # The ack waits for storage; the next command of this connection does not. A retry of
+        # a duplicate stores again, harmlessly: storage skips a msg_id it already has, and
+        # this is what saves a message whose first store failed after it was published.
+        self._spawn(self._ack_when_stored(conn, command, message))
+        return None
+
+    async def _ack_when_stored(
+        self, conn: Connection, command: p.Publish, message: StoredMessage
+    ) -> None:
+        try:
+            await self.sink.store(message)
+        except SinkUnavailable as exc:
+            conn.deliver(
+                p.error(
+                    command.id, p.ErrorCode.UNAVAILABLE, f"message not stored, retry: {exc}"
+                ).decode()
+            )
+            return
+        except Exception:
+            log.exception("storing message %s failed", message.msg_id)
+            conn.deliver(
+                p.error(command.id, p.ErrorCode.INTERNAL, "message not stored, retry").decode()
+            )
+            return
+        conn.deliver(p.ack(command.id, message.room, message.offset, message.msg_id).decode())
+
+    async def typing(self, conn: Connection, command: p.Typing) -> bytes | None:
+        channel = ROOM + command.room
+        if not self.hub.is_member(channel, conn):
+            raise p.ProtocolError(
+                p.ErrorCode.NOT_JOINED, f"join room '{command.room}' first", command.id
+            )
+        await self.broker.publish_event(
+            channel, p.typing_event(command.room, conn.user), exclude_user=conn.user.id
+        )
+        return None
+
+    async def presence_query(self, conn: Connection, command: p.PresenceQuery) -> bytes:
+        if not self.hub.is_member(ROOM + command.room, conn):
+            await self._check_access(command.room, conn.user, command.id)
+        members = await self.presence.members(command.room)
+        return p.presence_reply(command.id, command.room, [m.as_dict() for m in members])
+
+    async def history_query(self, conn: Connection, command: p.History) -> bytes:
+        if not self.hub.is_member(ROOM + command.room, conn):
+            await self._check_access(command.room, conn.user, command.id)
+        position = await self.broker.position(ROOM + command.room)
+        messages, has_more = await self.history.page(
+            command.room, position.epoch, before=command.before, limit=command.limit
+        )
+        return p.history_reply(
+            command.id, command.room, [orjson.dumps(m.event()) for m in messages], has_more
+        )
+
+    async def presence_members(self, room: str) -> list[Member]:
+        return await self.presence.members(room)
+
+    # -- feeds ---------------------------------------------------------------------------------
+
+    async def subscribe(self, conn: Connection, command: p.Subscribe) -> bytes:
+        feed, channel = command.feed, FEED + command.feed
+        already = self.hub.is_member(channel, conn)
+        if not already:
+            await self.hub.add_member(channel, conn)
+        try:
+            position = await self.broker.position(channel)
+            snapshot = await self._snapshot(feed, channel)
+            missed, recovered = await self._recover_feed(channel, command.since, position)
+        except BaseException:
+            if not already:
+                self.hub.remove_member(channel, conn)
+            raise
+        reply = p.subscribed(
+            command.id, feed, position.epoch, position.offset, snapshot, recovered, missed
+        )
+        if already:
+            return reply
+        conn.deliver(reply.decode())
+        self.hub.activate(channel, conn, position)
+        return b""
+
+    async def _snapshot(self, feed: str, channel: str) -> bytes:
+        provider = self.snapshots.get(feed)
+        if provider is not None:
+            return orjson.dumps(await provider())
+        frame = await self.broker.last_frame(channel)
+        if frame is None:
+            return b"null"
+        return orjson.dumps(orjson.loads(frame).get("data"))
+
+    async def _recover_feed(
+        self, channel: str, since: Position | None, now: Position
+    ) -> tuple[list[bytes], bool]:
+        if since is None or since.epoch != now.epoch or since.offset > now.offset:
+            return [], False
+        if since.offset == now.offset:
+            return [], True
+        recent = await self.broker.recent(channel, since)
+        if recent is None:
+            return [], False
+        return [pub.frame for pub in recent], True
+
+    async def unsubscribe(self, conn: Connection, command: p.Unsubscribe) -> bytes:
+        self.hub.remove_member(FEED + command.feed, conn)
+        return p.unsubscribed(command.id, command.feed)
+
+    async def publish_feed(self, feed: str, data: Any) -> Position:
+        """Publish one update to a feed (the REST API and workers call this)."""
+        result = await self.broker.publish(
+            FEED + feed,
+            kind="update",
+            name_key="feed",
+            msg_id=new_msg_id(),
+            fields=p.update_fields(data, p.utc_timestamp()),
+        )
+        return Position(result.epoch, result.offset)
+
+    async def publish_item_change(self, op: str, item: dict[str, Any]) -> None:
+        try:
+            await self.publish_feed(ITEMS_FEED, {"op": op, "item": item})
+        except BrokerUnavailable:
+            # The change is committed; dashboards resynchronise from the snapshot on reconnect.
+            log.warning("items feed: could not announce %s of item %s", op, item.get("id"))
+
+    # -- presence ------------------------------------------------------------------------------
+
+    async def _presence_leave(self, room: str, conn: Connection) -> None:
+        try:
+            gone = await self.presence.remove(room, conn.conn_id)
+        except PresenceUnavailable:
+            return  # the entry expires by itself and is announced then
+        if gone is not None:
+            self._queue_diff(room, gone, joined=False)
+
+    def _queue_diff(self, room: str, user: UserInfo, *, joined: bool) -> None:
+        """Gather a join or leave; a join and a leave of one user in one window cancel out."""
+        pending = self._diffs.setdefault(room, {})
+        previous = pending.get(user.id)
+        if previous is not None and previous[1] != joined:
+            del pending[user.id]
+        else:
+            pending[user.id] = (user, joined)
+        if self._diff_timer is None:
+            loop = asyncio.get_running_loop()
+            self._diff_timer = loop.call_later(PRESENCE_COALESCE, self._flush_diffs)
+
+    def _flush_diffs(self) -> None:
+        self._diff_timer = None
+        diffs, self._diffs = self._diffs, {}
+        for room, users in diffs.items():
+            if not users:
+                continue
+            joins = [{"user": u.as_dict(), "connections": 1} for u, j in users.values() if j]
+            leaves = [{"user": u.as_dict(), "connections": 0} for u, j in users.values() if not j]
+            frame = p.presence_diff(room, joins, leaves)
+            self._spawn(self._publish_event(ROOM + room, frame))
+
+    async def _publish_event(self, channel: str, frame: bytes) -> None:
+        try:
+            await self.broker.publish_event(channel, frame)
+        except BrokerUnavailable:
+            log.warning("presence event for %s not sent: broker unavailable", channel)
+
+    async def _presence_loop(self) -> None:
+        """Keep this node's entries fresh and announce the users of nodes that died."""
+        interval = max(0.05, self.limits.presence_timeout / 3)
+        while True:
+            await asyncio.sleep(interval)
+            entries = [
+                (name[len(ROOM) :], conn.conn_id)
+                for conn in list(self.hub.connections.values())
+                for name in conn.joined
+                if name.startswith(ROOM)
+            ]
+            try:
+                if entries:
+                    await self.presence.refresh(entries)
+                for room, user in await self.presence.expire():
+                    self._queue_diff(room, user, joined=False)
+            except PresenceUnavailable:
+                continue
+            except Exception:
+                log.exception("presence sweep failed")
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def new_conn_id(node_id: str) -> str:
+    """Unique across nodes: presence entries from every node share one namespace."""
+    return f"{node_id}/{os.urandom(8).hex()}"

@@ -1,0 +1,234 @@
+"""Presence shared by every node, in Redis.
+
+Keys per room (one hash tag, so each script touches one Redis Cluster slot):
+
+- `collab:presence:{<room>}:conns`: hash conn_id -> `["<user id>", "<user name>", "<node>"]`
+- `collab:presence:{<room>}:seen`: zset conn_id -> last seen, in milliseconds of Redis `TIME`
+- `collab:presence:{<room>}:users`: hash user id -> that user's connections in the room
+
+and `collab:presence:rooms`, the set of rooms that may hold entries, which is how `expire`
+finds them. No key has a TTL: entries leave through `remove` or `expire`.
+
+Times come from Redis `TIME` inside the scripts, never from the nodes: the node that refreshes
+an entry and the node that expires it compare readings of one clock, so skew between nodes
+cannot expire live connections or keep dead ones.
+
+Each transition is decided inside one script on the room's keys (the count going 0 -> 1 or
+1 -> 0), so exactly one caller sees it, whichever node and however many call at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from realtime.presence import Member, Presence, PresenceUnavailable
+from realtime.types import UserInfo
+
+__all__ = ["RedisPresence"]
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "collab:presence:"
+_ROOMS_KEY = _PREFIX + "rooms"
+_SOCKET_TIMEOUT = 2.0
+_EXPIRE_BATCH = 1000  # stale connections removed per script call: no long-running script
+_PIPELINE_ROOMS = 500
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Returns 1 when this is the user's first connection in the room.
+_ADD_LUA = (
+    _NOW_MS
+    + """
+local prev = redis.call('HGET', KEYS[1], ARGV[1])
+if prev then
+  local prev_user = cjson.decode(prev)[1]
+  if prev_user ~= ARGV[3] then
+    if redis.call('HINCRBY', KEYS[3], prev_user, -1) <= 0 then
+      redis.call('HDEL', KEYS[3], prev_user)
+    end
+    prev = false
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+if not prev and redis.call('HINCRBY', KEYS[3], ARGV[3], 1) == 1 then
+  return 1
+end
+return 0
+"""
+)
+
+# Returns the entry when it was the user's last connection in the room, else nil.
+_REMOVE_LUA = """
+local prev = redis.call('HGET', KEYS[1], ARGV[1])
+if not prev then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local user = cjson.decode(prev)[1]
+if redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
+  redis.call('HDEL', KEYS[3], user)
+  return prev
+end
+return false
+"""
+
+# XX: a refresh racing a remove or an expiry must not bring a half entry back.
+_REFRESH_LUA = (
+    _NOW_MS
+    + """
+for i = 1, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i])
+end
+return 0
+"""
+)
+
+# Returns {stale connections removed, connections left, entries of users who left}.
+_EXPIRE_LUA = (
+    _NOW_MS
+    + """
+local cutoff = string.format('%d', now - tonumber(ARGV[1]))
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. cutoff, 'LIMIT', 0, ARGV[2])
+local left = {}
+for _, conn in ipairs(stale) do
+  redis.call('ZREM', KEYS[2], conn)
+  local prev = redis.call('HGET', KEYS[1], conn)
+  if prev then
+    redis.call('HDEL', KEYS[1], conn)
+    local user = cjson.decode(prev)[1]
+    if redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
+      redis.call('HDEL', KEYS[3], user)
+      table.insert(left, prev)
+    end
+  end
+end
+return {#stale, redis.call('HLEN', KEYS[1]), left}
+"""
+)
+
+
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise PresenceUnavailable(str(exc) or type(exc).__name__) from exc
+
+
+def _keys(room: str) -> list[str]:
+    base = f"{_PREFIX}{{{room}}}:"
+    return [base + "conns", base + "seen", base + "users"]
+
+
+def _user(entry: bytes) -> UserInfo:
+    user_id, name, _node = orjson.loads(entry)
+    return UserInfo(id=str(user_id), name=str(name))
+
+
+class RedisPresence(Presence):
+    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        options: dict[str, Any] = {
+            "socket_timeout": _SOCKET_TIMEOUT,
+            "socket_connect_timeout": _SOCKET_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,
+        }
+        self._client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+        self._add = self._client.register_script(_ADD_LUA)
+        self._remove = self._client.register_script(_REMOVE_LUA)
+        self._refresh = self._client.register_script(_REFRESH_LUA)
+        self._expire = self._client.register_script(_EXPIRE_LUA)
+
+    async def start(self) -> None:
+        """Checks the connection once, without failing: Redis being down at startup is an
+        outage like any other (calls raise PresenceUnavailable until it is back)."""
+        try:
+            await self._client.ping()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("Redis presence is not reachable yet: %s", exc)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def add(self, room: str, conn_id: str, user: UserInfo, node_id: str) -> bool:
+        entry = orjson.dumps([user.id, user.name, node_id])
+        with _unavailable():
+            async with self._client.pipeline(transaction=False) as pipe:
+                # The room joins the set after the entry exists; `expire` relies on this order.
+                await self._add(keys=_keys(room), args=[conn_id, entry, user.id], client=pipe)
+                pipe.sadd(_ROOMS_KEY, room)
+                first, _ = await pipe.execute()
+        return bool(first)
+
+    async def remove(self, room: str, conn_id: str) -> UserInfo | None:
+        with _unavailable():
+            entry = await self._remove(keys=_keys(room), args=[conn_id])
+        return _user(entry) if entry else None
+
+    async def members(self, room: str) -> list[Member]:
+        with _unavailable():
+            entries = cast(dict[bytes, bytes], await self._client.hgetall(_keys(room)[0]))
+        users: dict[str, UserInfo] = {}
+        counts: dict[str, int] = {}
+        for entry in entries.values():
+            user = _user(entry)
+            users.setdefault(user.id, user)
+            counts[user.id] = counts.get(user.id, 0) + 1
+        return [Member(user=users[uid], connections=counts[uid]) for uid in sorted(users)]
+
+    async def refresh(self, entries: Iterable[tuple[str, str]]) -> None:
+        by_room: dict[str, list[str]] = {}
+        for room, conn_id in entries:
+            by_room.setdefault(room, []).append(conn_id)
+        rooms = list(by_room.items())
+        with _unavailable():
+            for start in range(0, len(rooms), _PIPELINE_ROOMS):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for room, conn_ids in rooms[start : start + _PIPELINE_ROOMS]:
+                        await self._refresh(keys=_keys(room)[1:2], args=conn_ids, client=pipe)
+                    await pipe.execute()
+
+    async def expire(self) -> list[tuple[str, UserInfo]]:
+        timeout_ms = max(1, int(self.timeout * 1000))
+        left: list[tuple[str, UserInfo]] = []
+        with _unavailable():
+            members = cast(set[bytes], await self._client.smembers(_ROOMS_KEY))
+            pending = sorted(room.decode() for room in members)
+            while pending:
+                batch, pending = pending[:_PIPELINE_ROOMS], pending[_PIPELINE_ROOMS:]
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for room in batch:
+                        await self._expire(
+                            keys=_keys(room), args=[timeout_ms, _EXPIRE_BATCH], client=pipe
+                        )
+                    replies = await pipe.execute()
+                for room, (removed, remaining, entries) in zip(batch, replies, strict=True):
+                    left.extend((room, _user(entry)) for entry in entries)
+                    if removed >= _EXPIRE_BATCH:
+                        pending.append(room)  # more stale entries than one call takes
+                    elif remaining == 0:
+                        await self._forget_room(room)
+        return left
+
+    async def _forget_room(self, room: str) -> None:
+        """Drops an empty room from the set without losing a concurrent `add`: that one adds
+        its entry before the room, so either the check below sees the entry or its SADD
+        comes after our SREM."""
+        await self._client.srem(_ROOMS_KEY, room)
+        if await self._client.exists(_keys(room)[0]):
+            await self._client.sadd(_ROOMS_KEY, room)
