@@ -105,6 +105,24 @@ def worker_command(argv: Sequence[str]) -> None:
     raise SystemExit(2)
 
 
+def create_user_command(username: str, role: str) -> None:
+    """The password is read from standard input, so it stays out of shell history and `ps`."""
+    from collab.admin import AdminError, create_user_sync
+
+    settings = _settings()
+    if settings.should_auto_migrate:
+        from persistence import migrate
+
+        migrate.upgrade(settings.database_url)
+    password = sys.stdin.readline().rstrip("\n")
+    try:
+        user_id = create_user_sync(settings, username, password, role)
+    except AdminError as exc:
+        sys.stderr.write(f"collab create-user: {exc}\n")
+        raise SystemExit(2) from None
+    print(f"collab: created {role} {username!r} with id {user_id}")
+
+
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -120,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_serve.add_argument("--workers", type=int, default=1)
     p_serve.add_argument("--log-level", default="info")
     sub.add_parser("migrate", help="bring the database schema up to date")
+    p_user = sub.add_parser(
+        "create-user", help="create a user, service or admin account (password on stdin)"
+    )
+    p_user.add_argument("username")
+    p_user.add_argument("--role", choices=["user", "service", "admin"], default="user")
     p_worker = sub.add_parser("worker", help="run a Celery worker that stores messages")
     p_worker.add_argument("celery_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -130,5 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         serve(args.host, args.port, args.workers, args.log_level)
     elif args.command == "migrate":
         migrate_command()
+    elif args.command == "create-user":
+        create_user_command(args.username, args.role)
     else:
         worker_command(args.celery_args)
