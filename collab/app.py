@@ -120,7 +120,9 @@ def create_app_from_env() -> FastAPI:
 
 
 def _node_name() -> str:
+    """Host, port and process: each worker process is a node of its own."""
     import socket
 
     port = os.environ.get("COLLAB_PORT", "")
-    return f"{socket.gethostname()}:{port}-{os.getpid()}" if port else socket.gethostname()
+    host = f"{socket.gethostname()}:{port}" if port else socket.gethostname()
+    return f"{host}-{os.getpid()}"

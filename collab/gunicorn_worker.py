@@ -1,0 +1,30 @@
+"""Gunicorn worker class: `uvicorn_worker.UvicornWorker` with Collab's WebSocket settings.
+
+`collab serve` passes these to uvicorn itself; under Gunicorn the worker class is the only
+place to set them (`-k collab.gunicorn_worker.CollabWorker`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn_worker import UvicornWorker
+
+from collab.settings import Settings
+
+
+class CollabWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = Settings()
+        self.CONFIG_KWARGS = {
+            "loop": "auto",
+            "http": "auto",
+            "ws": "websockets-sansio",
+            "ws_per_message_deflate": False,
+            "ws_max_size": settings.max_frame_bytes,
+            "ws_ping_interval": settings.heartbeat,
+            "ws_ping_timeout": settings.heartbeat,
+            "proxy_headers": True,
+            "timeout_graceful_shutdown": int(settings.shutdown_timeout) or None,
+        }
+        super().__init__(*args, **kwargs)

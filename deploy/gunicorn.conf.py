@@ -1,0 +1,22 @@
+"""Gunicorn for Collab: `gunicorn -c deploy/gunicorn.conf.py`.
+
+One worker process is one hub node; run a few per machine (about one per core) and let
+Redis join them. Workers are Uvicorn workers with Collab's WebSocket settings.
+"""
+
+import multiprocessing
+import os
+
+wsgi_app = "collab.app:create_app_from_env()"
+worker_class = "collab.gunicorn_worker.CollabWorker"
+bind = os.environ.get("COLLAB_BIND", "0.0.0.0:8000")
+workers = int(os.environ.get("COLLAB_WORKERS", multiprocessing.cpu_count()))
+# WebSockets live long: no request timeout kills a busy worker mid-connection, and a
+# restart gives clients time to be told 1001 and to reconnect elsewhere.
+timeout = 60
+graceful_timeout = int(os.environ.get("COLLAB_SHUTDOWN_TIMEOUT", "10")) + 5
+keepalive = 5
+# The proxy in front (NGINX) sets X-Forwarded-*; trust only it.
+forwarded_allow_ips = os.environ.get("COLLAB_FORWARDED_ALLOW_IPS", "127.0.0.1")
+accesslog = "-"
+errorlog = "-"
