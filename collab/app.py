@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sqlalchemy import text
 
 from api import ROUTERS, ApiConfig, ApiContext
+from collab.metrics import NodeCollector
 from collab.realtime_wiring import build_node, close_with_1001_on_exit, token_authenticator
 from collab.settings import Settings
 from persistence import migrate
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     registry = CollectorRegistry()
+    registry.register(NodeCollector(lambda: getattr(app.state, "node", None)))
     app.state.metrics = registry
     for router in ROUTERS:
         app.include_router(router)

@@ -75,6 +75,30 @@ class Settings(BaseSettings):
             raise ValueError("must be a URL with a scheme, such as sqlite+aiosqlite:///./collab.db")
         return value
 
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0]
+        if scheme not in ("memory", "redis", "rediss", "unix"):
+            raise ValueError("must start with memory://, redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0]
+        if scheme not in (
+            "sqlite+aiosqlite",
+            "postgresql+asyncpg",
+            "mysql+aiomysql",
+            "mysql+asyncmy",
+        ):
+            raise ValueError(
+                "must name an async driver: sqlite+aiosqlite://, postgresql+asyncpg:// "
+                "or mysql+aiomysql://"
+            )
+        return value
+
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.env != "production":

@@ -135,3 +135,33 @@ def test_development_gets_a_random_secret_and_origins_parse_from_env(
     first, second = Settings(), Settings()
     assert len(first.secret) >= 32 and first.secret != second.secret
     assert first.allowed_origins == ["https://a.example", "https://b.example"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("COLLAB_DATABASE_URL", "sqlite:///./sync-driver.db"),
+        ("COLLAB_DATABASE_URL", "not a url"),
+        ("COLLAB_BROKER_URL", "kafka://localhost"),
+        ("COLLAB_RATE_LIMIT", "-1"),
+        ("COLLAB_ENV", "staging"),
+    ],
+)
+def test_cli_refuses_bad_configuration_with_a_clear_message(variable: str, value: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COLLAB_")}
+    env[variable] = value
+    result = subprocess.run(
+        [sys.executable, "-m", "collab", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "invalid configuration" in result.stderr
+    assert "Traceback" not in result.stderr

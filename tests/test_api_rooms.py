@@ -121,3 +121,10 @@ async def test_health_endpoints(client: httpx.AsyncClient) -> None:
     metrics = await client.get("/metrics")
     assert metrics.status_code == 200
     assert (await client.get("/openapi.json")).json()["info"]["title"] == "Collab"
+
+
+async def test_metrics_report_the_node(client: httpx.AsyncClient) -> None:
+    text = (await client.get("/metrics")).text
+    for name in ("collab_connections", "collab_messages_published_total", "collab_broker_up"):
+        assert name in text
+    assert "collab_broker_up 1.0" in text
