@@ -173,9 +173,8 @@ class Connection:
         except Exception:  # the peer went away mid-backlog; the reader cleans up
             self._closing = True
         finally:
+            # A close decided meanwhile (close_soon) sends its own close frame.
             self._writer = None
-            if self._closing and self.close_code is not None:
-                await self._send_close()
 
     def close_soon(self, code: CloseCode | int, reason: str | None = None) -> None:
         """Close from anywhere (a fan-out loop, a timer) without waiting for it."""
