@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.ratelimit import AddressLimiter
 from api.security import InvalidToken, decode_access_token
 from persistence.database import SessionFactory
 from persistence.models import Role, User
@@ -26,6 +27,9 @@ class ApiConfig:
     secret_key: str
     access_token_minutes: int = 60 * 24
     guest_access: bool = True
+    # Login and guest-token requests per second per client address, and their burst.
+    auth_rate_limit: float = 5.0
+    auth_rate_burst: int = 20
 
 
 @dataclass(slots=True)
@@ -36,6 +40,7 @@ class ApiContext:
     sessions: SessionFactory
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
     history: HistoryReader | None = None
+    auth_limiter: AddressLimiter | None = None
     # Realtime services the REST layer uses (presence, feed publishing); set by `collab`.
     realtime: Any = None
 
@@ -90,3 +95,15 @@ async def get_service_user(user: CurrentUser) -> User:
 
 
 ServiceUser = Annotated[User, Depends(get_service_user)]
+
+
+def limit_auth(request: Request, context: Context) -> None:
+    """Rate-limit the credential routes per client address (429 with Retry-After)."""
+    if context.auth_limiter is None:
+        context.auth_limiter = AddressLimiter(
+            context.config.auth_rate_limit, context.config.auth_rate_burst
+        )
+    context.auth_limiter(request)
+
+
+AuthRateLimit = Depends(limit_auth)

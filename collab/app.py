@@ -62,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 secret_key=settings.secret,
                 access_token_minutes=settings.access_token_minutes,
                 guest_access=settings.guest_access,
+                auth_rate_limit=settings.auth_rate_limit,
+                auth_rate_burst=settings.auth_rate_burst,
             ),
             sessions=sessions,
             readiness={"database": database_ready, "broker": broker_ready},

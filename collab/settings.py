@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import socket
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     guest_access: bool = True
 
     access_token_minutes: int = Field(default=60 * 24, ge=1, le=60 * 24 * 365)
+    # Login, registration and guest-token requests per second per client address.
+    auth_rate_limit: float = Field(default=5.0, gt=0)
+    auth_rate_burst: int = Field(default=20, ge=1)
     presence_timeout: float = Field(default=30.0, gt=0, le=3600)
     rate_limit: float = Field(default=20.0, gt=0)
     rate_burst: int = Field(default=50, ge=1)
@@ -61,6 +64,22 @@ class Settings(BaseSettings):
         description="Bring the schema up to date at startup; defaults to on for SQLite only.",
     )
 
+    # Persistence (docs/PERSISTENCE.md). A batch closes after this many messages or this many
+    # seconds, whichever comes first; both sinks (in-process and Celery) batch the same way.
+    persist_batch_size: int = Field(default=500, ge=1, le=10_000)
+    persist_batch_delay: float = Field(default=0.005, ge=0, le=1)
+    # The Celery sink answers `unavailable` when the broker has not taken a batch in this time.
+    celery_send_timeout: float = Field(default=5.0, gt=0, le=300)
+    celery_queue: str = Field(default="collab.messages", pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    # Merged over the defaults for the broker (a JSON object), for example
+    # {"visibility_timeout": 3600} for Redis. Redis's visibility timeout must stay above
+    # celery_retry_backoff_max, or a batch waiting for its retry is delivered twice.
+    celery_broker_transport_options: dict[str, Any] = Field(default_factory=dict)
+    # A worker retries a batch while the database is unreachable, waiting up to this long.
+    celery_retry_backoff_max: int = Field(default=60, ge=1, le=3600)
+    # When set, `collab worker` serves Prometheus metrics (batch size, lag) on this port.
+    celery_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
     @field_validator("allowed_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
@@ -73,6 +92,18 @@ class Settings(BaseSettings):
     def _has_scheme(cls, value: str) -> str:
         if "://" not in value:
             raise ValueError("must be a URL with a scheme, such as sqlite+aiosqlite:///./collab.db")
+        return value
+
+    @field_validator("celery_broker_url")
+    @classmethod
+    def _known_celery_broker(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in ("redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps", "pyamqp"):
+            raise ValueError(
+                "must start with redis://, rediss://, sentinel://, amqp:// or amqps://"
+            )
         return value
 
     @field_validator("broker_url")

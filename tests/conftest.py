@@ -99,6 +99,8 @@ def make_settings(database_url: str, **overrides: object) -> Settings:
         "secret_key": TEST_SECRET,
         "auto_migrate": False,
         "node_id": "test-node",
+        "auth_rate_limit": 10_000,
+        "auth_rate_burst": 10_000,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

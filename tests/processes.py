@@ -90,6 +90,9 @@ def server_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[s
             "COLLAB_ENV": "test",
             "COLLAB_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'collab.db'}",
             "COLLAB_SECRET_KEY": "e2e-secret-" + "z" * 40,
+            # Tests make many guests from one address; the limit itself is tested apart.
+            "COLLAB_AUTH_RATE_LIMIT": "10000",
+            "COLLAB_AUTH_RATE_BURST": "10000",
             "PYTHONUNBUFFERED": "1",
         }
     )

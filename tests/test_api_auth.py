@@ -165,3 +165,24 @@ def test_cli_refuses_bad_configuration_with_a_clear_message(variable: str, value
     assert result.returncode == 2
     assert "invalid configuration" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_credential_routes_are_rate_limited_per_address(database_url: str) -> None:
+    from collab.app import create_app
+    from tests.conftest import make_settings
+
+    app = create_app(make_settings(database_url, auth_rate_limit=1, auth_rate_burst=3))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, client=("10.1.1.1", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            codes = [
+                (await http.post("/auth/token", data={"username": "x", "password": "y"}))
+                for _ in range(5)
+            ]
+            assert [r.status_code for r in codes] == [401, 401, 401, 429, 429]
+            assert int(codes[-1].headers["retry-after"]) >= 1
+            # Other routes are not limited by it.
+            assert (await http.get("/healthz")).status_code == 200
+        other = httpx.ASGITransport(app=app, client=("10.2.2.2", 1234))
+        async with httpx.AsyncClient(transport=other, base_url="http://t") as http:
+            assert (await http.post("/auth/guest", json={"name": "n"})).status_code == 200

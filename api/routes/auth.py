@@ -6,12 +6,17 @@ from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.security import OAuth2PasswordRequestForm
 
 from api import schemas, services
-from api.deps import Context, SessionDep
+from api.deps import AuthRateLimit, Context, SessionDep
 from api.security import create_access_token, verify_password
 from persistence.models import User
 from persistence.repositories import UserRepository
 
-router = APIRouter(prefix="/auth", tags=["auth"])
+router = APIRouter(
+    prefix="/auth",
+    tags=["auth"],
+    dependencies=[AuthRateLimit],
+    responses={429: {"description": "Too many requests from this address"}},
+)
 
 
 def issue_token(context: Context, user: User) -> str:
