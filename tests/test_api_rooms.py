@@ -106,6 +106,18 @@ async def test_history_pages_oldest_first(client: httpx.AsyncClient, database_ur
     assert [m["offset"] for m in forward["messages"]] == list(range(101, 111))
     assert forward["has_more"] is True
 
+    # A newer epoch (the broker lost its counters) becomes the default; the old one stays
+    # readable by name.
+    await _store_messages(database_url, "general", "e2", 3)
+    newest = (await client.get("/rooms/general/messages", headers=headers)).json()
+    assert [(m["epoch"], m["offset"]) for m in newest["messages"]] == [
+        ("e2", 1),
+        ("e2", 2),
+        ("e2", 3),
+    ]
+    old = (await client.get("/rooms/general/messages?epoch=e1&limit=2", headers=headers)).json()
+    assert [(m["epoch"], m["offset"]) for m in old["messages"]] == [("e1", 119), ("e1", 120)]
+
     empty = (await client.get("/rooms/never-used/messages", headers=headers)).json()
     assert empty == {"messages": [], "has_more": False}
     for query in ("limit=201", "limit=0", "before=-1", "after=x"):

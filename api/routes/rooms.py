@@ -46,16 +46,18 @@ async def room_messages(
     before: Cursor = None,
     after: Cursor = None,
     limit: Limit = 50,
+    epoch: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.:\-]{1,64}$")] = None,
 ) -> schemas.MessageList:
     """Durable history, oldest first. `after` pages forward, `before` (or neither) backward.
 
-    Offsets count within the room's newest epoch (see PROTOCOL.md).
+    Offsets count within one epoch of the room: the newest stored one, or `epoch` (an older
+    epoch stays readable after the broker lost its counters and started a new one).
     """
     await services.visible_room(session, user, room)
     if context.history is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "History is not available")
     messages, has_more = await context.history.page(
-        room, None, before=before, after=after, limit=limit
+        room, epoch, before=before, after=after, limit=limit
     )
     return schemas.MessageList.model_validate(
         {"messages": [m.event() for m in messages], "has_more": has_more}
