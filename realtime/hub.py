@@ -140,8 +140,11 @@ class Hub:
         if channel.epoch is None or channel.epoch != floor.epoch:
             # The channel's first position on this node, or the member saw a newer epoch.
             channel.epoch, channel.offset = floor.epoch, max(floor.offset, 0)
-        elif floor.offset > channel.offset:
-            channel.offset = floor.offset
+        # A floor above the channel's offset is NOT taken as the channel's offset: the member
+        # read its position on another connection than the pub/sub one, so the publications
+        # in between may still be on their way here, and the members already there need them
+        # (the offset is what this node has delivered; skipping ahead would drop them as
+        # "seen", or hide a real gap from recovery). The member's floor filters them for it.
         member.floor = floor.offset
         waiting, member.pending = member.pending or [], None
         for offset, text in waiting:
@@ -173,7 +176,11 @@ class Hub:
             return
         if channel.epoch == publication.epoch:
             if publication.offset <= channel.offset:
-                return  # seen already (a recovery overlapped the live stream)
+                # Seen already by the active members; a member still joining may have read
+                # an older position than the one that set the channel's offset (two first
+                # joins at once), so it still gets the frame, and its floor decides.
+                self._hold_for_joiners(channel, publication)
+                return
             if publication.offset > channel.offset + 1:
                 channel.backlog.append(publication)
                 self._spawn(self._recover(channel))
@@ -183,6 +190,13 @@ class Hub:
             self._reset(channel)
             return
         self._deliver(channel, publication)
+
+    def _hold_for_joiners(self, channel: Channel, publication: Publication) -> None:
+        text: str | None = None
+        for member in channel.members.values():
+            if member.pending is not None:
+                text = text or publication.frame.decode()
+                member.pending.append((publication.offset, text))
 
     def _deliver(self, channel: Channel, publication: Publication) -> None:
         channel.epoch, channel.offset = publication.epoch, publication.offset

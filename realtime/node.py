@@ -459,7 +459,20 @@ class Node:
 
     async def _presence_loop(self) -> None:
         """Keep this node's entries fresh and announce the users of nodes that died."""
-        interval = max(0.05, self.limits.presence_timeout / 3)
+        timeout = self.limits.presence_timeout
+        # Entries expire `presence.timeout` after their last refresh (a fraction of the
+        # announced timeout, see `presence_entry_ttl`), refreshed three times within it: a
+        # dead node's users are announced within the presence timeout, and a live node may
+        # miss two refreshes before its users look dead.
+        interval = max(0.05, self.presence.timeout / 3)
+        loop = asyncio.get_running_loop()
+        # While presence was unreachable no node could refresh anything, so right after an
+        # outage longer than the timeout every entry of the cluster looks dead. Expiring then
+        # would announce every connected user as gone. Every node has failed a sweep during
+        # such an outage (it sweeps three times per timeout), so each holds its expiry back
+        # for one timeout after its last failure: by then every live node has refreshed its
+        # own entries, and only the dead nodes' are still stale.
+        expire_after = 0.0
         while True:
             await asyncio.sleep(interval)
             entries = [
@@ -470,18 +483,47 @@ class Node:
             ]
             try:
                 if entries:
-                    await self.presence.refresh(entries)
-                for room, user in await self.presence.expire():
-                    self._queue_diff(room, user, joined=False)
+                    await self._restore_presence(await self.presence.refresh(entries))
+                if loop.time() >= expire_after:
+                    for room, user in await self.presence.expire():
+                        self._queue_diff(room, user, joined=False)
             except PresenceUnavailable:
+                expire_after = loop.time() + timeout
                 continue
             except Exception:
                 log.exception("presence sweep failed")
+
+    async def _restore_presence(self, missing: list[tuple[str, str]]) -> None:
+        """Add back the entries of live connections that presence no longer has.
+
+        They were lost (Redis restarted without its data) or expired by another node while
+        this one could not refresh them (an outage, a stalled event loop). Refreshing never
+        brings an entry back, so without this the user would stay out of presence for as long
+        as the connection lives. A user who thereby joins again is announced.
+        """
+        for room, conn_id in missing:
+            conn = self.hub.connections.get(conn_id)
+            channel = ROOM + room
+            if conn is None or channel not in conn.joined:
+                continue  # it left meanwhile: nothing to restore
+            if await self.presence.add(room, conn_id, conn.user, self.node_id):
+                self._queue_diff(room, conn.user, joined=True)
+            if channel not in conn.joined:
+                # It left while its entry was being added: its own removal may have come
+                # first, so remove the entry again rather than leave a ghost behind.
+                await self._presence_leave(room, conn)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def presence_entry_ttl(presence_timeout: float) -> float:
+    """How long a presence entry lives unrefreshed, so that a dead connection's leave is
+    announced within `presence_timeout`: expiry, plus at most one sweep interval (a third
+    of the entry's life), plus the presence-diff coalescing, must fit."""
+    return max(0.1, (presence_timeout - PRESENCE_COALESCE) * 0.75)
 
 
 def new_conn_id(node_id: str) -> str:

@@ -14,6 +14,9 @@ Contract:
   (more often than `timeout`); `expire` removes entries not refreshed within `timeout`
   seconds (a crashed node's connections) and returns the users that thereby left, each
   reported once across all nodes calling `expire` concurrently.
+- `refresh` never brings an entry back, but it reports the ones it no longer found (the
+  backend lost them, or they expired while the owner could not refresh): only the owner
+  knows whether the connection is still there, and adds it again if so.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ class Presence(ABC):
         """Users present, each with their number of connections, ordered by user id."""
 
     @abstractmethod
-    async def refresh(self, entries: Iterable[tuple[str, str]]) -> None:
-        """Mark these (room, conn_id) entries as seen now."""
+    async def refresh(self, entries: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Mark these (room, conn_id) entries as seen now; the ones that were not found."""
 
     @abstractmethod
     async def expire(self) -> list[tuple[str, UserInfo]]:

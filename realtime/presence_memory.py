@@ -76,13 +76,17 @@ class MemoryPresence(Presence):
             for user_id in sorted(users)
         ]
 
-    async def refresh(self, entries: Iterable[tuple[str, str]]) -> None:
+    async def refresh(self, entries: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         now = self._clock()
+        missing: list[tuple[str, str]] = []
         for room, conn_id in entries:
             state = self._rooms.get(room)
             entry = state.entries.get(conn_id) if state is not None else None
             if entry is not None:
                 entry.seen = now
+            else:
+                missing.append((room, conn_id))
+        return missing
 
     async def expire(self) -> list[tuple[str, UserInfo]]:
         cutoff = self._clock() - self.timeout

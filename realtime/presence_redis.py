@@ -86,14 +86,20 @@ end
 return false
 """
 
-# XX: a refresh racing a remove or an expiry must not bring a half entry back.
+# Only entries that exist: a refresh racing a remove or an expiry must not bring a half entry
+# back. The ones not found are returned; their owner decides whether to add them again.
 _REFRESH_LUA = (
     _NOW_MS
     + """
+local missing = {}
 for i = 1, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i])
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i])
+  else
+    table.insert(missing, ARGV[i])
+  end
 end
-return 0
+return missing
 """
 )
 
@@ -191,17 +197,22 @@ class RedisPresence(Presence):
             counts[user.id] = counts.get(user.id, 0) + 1
         return [Member(user=users[uid], connections=counts[uid]) for uid in sorted(users)]
 
-    async def refresh(self, entries: Iterable[tuple[str, str]]) -> None:
+    async def refresh(self, entries: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         by_room: dict[str, list[str]] = {}
         for room, conn_id in entries:
             by_room.setdefault(room, []).append(conn_id)
         rooms = list(by_room.items())
+        missing: list[tuple[str, str]] = []
         with _unavailable():
             for start in range(0, len(rooms), _PIPELINE_ROOMS):
+                batch = rooms[start : start + _PIPELINE_ROOMS]
                 async with self._client.pipeline(transaction=False) as pipe:
-                    for room, conn_ids in rooms[start : start + _PIPELINE_ROOMS]:
+                    for room, conn_ids in batch:
                         await self._refresh(keys=_keys(room)[1:2], args=conn_ids, client=pipe)
-                    await pipe.execute()
+                    replies = await pipe.execute()
+                for (room, _), gone in zip(batch, replies, strict=True):
+                    missing.extend((room, conn_id.decode()) for conn_id in gone)
+        return missing
 
     async def expire(self) -> list[tuple[str, UserInfo]]:
         timeout_ms = max(1, int(self.timeout * 1000))
