@@ -180,7 +180,12 @@ async def test_refresh_does_not_bring_back_a_removed_entry(backend: Backend) -> 
     r = room()
     await presence.add(r, "a1", ANN, "n1")
     await presence.remove(r, "a1")
-    await presence.refresh([(r, "a1"), (room(), "x")])
+    other = room()
+    await presence.add(r, "b1", BOB, "n1")
+    # What it did not find is reported, so the owner can add back what is still connected.
+    missing = await presence.refresh([(r, "a1"), (other, "x"), (r, "b1")])
+    assert sorted(missing) == sorted([(r, "a1"), (other, "x")])
+    await presence.remove(r, "b1")
     assert await presence.members(r) == []
     assert await presence.add(r, "a1", ANN, "n1") is True
     assert await presence.expire() == []
