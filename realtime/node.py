@@ -181,43 +181,37 @@ class Node:
         room, channel = command.room, ROOM + command.room
         await self._check_access(room, conn.user, command.id)
         if self.hub.is_member(channel, conn):
-            position = await self.broker.position(channel)
-            members = await self.presence.members(room)
-            missed, recovered = await self._recover(room, channel, command.since, position)
-            return p.joined(
-                command.id,
-                room,
-                position.epoch,
-                position.offset,
-                [m.as_dict() for m in members],
-                recovered,
-                missed,
-            )
+            return (await self._joined(command, channel))[0]
         await self.hub.add_member(channel, conn, command.presence_events)
         try:
             if await self.presence.add(room, conn.conn_id, conn.user, self.node_id):
                 self._queue_diff(room, conn.user, joined=True)
-            position = await self.broker.position(channel)
-            members = await self.presence.members(room)
-            missed, recovered = await self._recover(room, channel, command.since, position)
+            reply, position = await self._joined(command, channel)
         except BaseException:
             self.hub.remove_member(channel, conn)
             with contextlib.suppress(Exception):
                 await self._presence_leave(room, conn)
             raise
-        conn.deliver(
-            p.joined(
-                command.id,
-                room,
-                position.epoch,
-                position.offset,
-                [m.as_dict() for m in members],
-                recovered,
-                missed,
-            ).decode()
-        )
+        # The reply goes out before anything that arrived meanwhile (`activate` releases it).
+        conn.deliver(reply.decode())
         self.hub.activate(channel, conn, position)
         return b""
+
+    async def _joined(self, command: p.Join, channel: str) -> tuple[bytes, Position]:
+        """The `joined` reply, and the position it names."""
+        position = await self.broker.position(channel)
+        members = await self.presence.members(command.room)
+        missed, recovered = await self._recover(command.room, channel, command.since, position)
+        reply = p.joined(
+            command.id,
+            command.room,
+            position.epoch,
+            position.offset,
+            [m.as_dict() for m in members],
+            recovered,
+            missed,
+        )
+        return reply, position
 
     async def _recover(
         self, room: str, channel: str, since: Position | None, now: Position
