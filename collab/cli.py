@@ -97,12 +97,34 @@ def migrate_command() -> None:
 
 
 def worker_command(argv: Sequence[str]) -> None:
-    _settings()
-    sys.stderr.write(
-        "collab worker: persistence through Celery is not built yet. Until it is, `collab serve`\n"
-        "stores messages in-process (COLLAB_CELERY_BROKER_URL is not read yet).\n"
-    )
-    raise SystemExit(2)
+    """A Celery worker that stores message batches; `argv` goes to `celery worker` as is
+    (for example `--concurrency 2 --pool prefork`)."""
+    settings = _settings()
+    if not settings.celery_broker_url:
+        sys.stderr.write(
+            "collab worker: COLLAB_CELERY_BROKER_URL is not set. Set it (redis://... or\n"
+            "amqp://...) for the worker and every `collab serve`; without it, the server stores\n"
+            "messages in-process and needs no worker.\n"
+        )
+        raise SystemExit(2)
+    try:
+        from workers.app import create_worker_app
+
+        app = create_worker_app(settings)
+    except ImportError as exc:
+        sys.stderr.write(
+            f"collab worker: {exc}; install the production extra: "
+            "pip install 'collab[production]'\n"
+        )
+        raise SystemExit(2) from None
+    args = list(argv)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not any(a in ("-l", "--loglevel") or a.startswith(("-l", "--loglevel=")) for a in args):
+        args = ["--loglevel", "INFO", *args]
+    code = app.worker_main(["worker", *args])
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 def create_user_command(username: str, role: str) -> None:
@@ -130,6 +152,11 @@ def _redact(url: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["worker"]:
+        # Everything after `worker` is Celery's; argparse would reorder its options.
+        worker_command(arguments[1:])
+        return
     parser = argparse.ArgumentParser(prog="collab", description="Collab real-time server")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the server (REST, /ws/chat, /ws/live, pages)")
@@ -145,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_user.add_argument("--role", choices=["user", "service", "admin"], default="user")
     p_worker = sub.add_parser("worker", help="run a Celery worker that stores messages")
     p_worker.add_argument("celery_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "serve":
         if not 0 < args.port < 65536 or args.workers < 1:

@@ -21,9 +21,10 @@ from persistence.repositories import ItemRepository
 from persistence.sink import DatabaseSink
 from realtime.broker import Broker
 from realtime.endpoints import Authenticator
-from realtime.node import ROOM, Node, NodeLimits
+from realtime.node import ROOM, Node, NodeLimits, presence_entry_ttl
 from realtime.presence import Presence
 from realtime.protocol import CloseCode
+from realtime.storage import MessageSink
 from realtime.types import Position, UserInfo
 
 log = logging.getLogger("collab")
@@ -46,7 +47,7 @@ def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker
 
         return (
             MemoryBroker(history_window=max(settings.history_window, 1), seed=seed),
-            MemoryPresence(timeout=settings.presence_timeout),
+            MemoryPresence(timeout=presence_entry_ttl(settings.presence_timeout)),
         )
     if scheme in ("redis", "rediss", "unix"):
         from realtime.broker_redis import RedisBroker
@@ -58,9 +59,29 @@ def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker
                 history_window=max(settings.history_window, 1),
                 node_id=settings.node_id,
             ),
-            RedisPresence(settings.broker_url, timeout=settings.presence_timeout),
+            RedisPresence(
+                settings.broker_url, timeout=presence_entry_ttl(settings.presence_timeout)
+            ),
         )
     raise ValueError(f"COLLAB_BROKER_URL: unsupported scheme {scheme!r} (memory://, redis://)")
+
+
+def build_sink(settings: Settings, sessions: SessionFactory) -> MessageSink:
+    """Celery workers store messages when a Celery broker is configured; else this process."""
+    if not settings.celery_broker_url:
+        return DatabaseSink(
+            sessions, max_batch=settings.persist_batch_size, max_delay=settings.persist_batch_delay
+        )
+    from persistence.celery_sink import CeleryMessageSink
+    from workers.app import create_celery_app
+
+    return CeleryMessageSink(
+        create_celery_app(settings, producer=True),
+        queue_name=settings.celery_queue,
+        max_batch=settings.persist_batch_size,
+        max_delay=settings.persist_batch_delay,
+        send_timeout=settings.celery_send_timeout,
+    )
 
 
 def build_node(settings: Settings, sessions: SessionFactory) -> Node:
@@ -76,7 +97,7 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
         node_id=settings.node_id,
         broker=broker,
         presence=presence,
-        sink=DatabaseSink(sessions),
+        sink=build_sink(settings, sessions),
         history=history,
         access=DatabaseRoomAccess(sessions),
         limits=NodeLimits(

@@ -125,16 +125,23 @@ class MessageRepository:
         if not rows:
             return 0
         dialect = self.session.get_bind().dialect.name
-        if dialect == "postgresql":
-            stmt: Any = postgresql.insert(Message).on_conflict_do_nothing(index_elements=["msg_id"])
-        elif dialect == "sqlite":
-            stmt = sqlite.insert(Message).on_conflict_do_nothing(index_elements=["msg_id"])
-        elif dialect in ("mysql", "mariadb"):
-            stmt = mysql.insert(Message).prefix_with("IGNORE")
-        else:  # pragma: no cover - a dialect we do not ship
-            raise NotImplementedError(f"no idempotent insert for {dialect}")
-        result = await self.session.execute(stmt, list(rows))
-        return int(getattr(result, "rowcount", 0) or 0)
+        if dialect in ("postgresql", "sqlite"):
+            # RETURNING names the rows actually written (a batched executemany reports no
+            # useful rowcount), so duplicates can be counted.
+            insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+            stmt = (
+                insert(Message)
+                .on_conflict_do_nothing(index_elements=["msg_id"])
+                .returning(Message.id)
+            )
+            written = await self.session.execute(stmt, list(rows))
+            return len(written.all())
+        if dialect in ("mysql", "mariadb"):
+            result = await self.session.execute(
+                mysql.insert(Message).prefix_with("IGNORE"), list(rows)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+        raise NotImplementedError(f"no idempotent insert for {dialect}")  # pragma: no cover
 
     async def latest_epoch(self, room: str) -> str | None:
         return await self.session.scalar(

@@ -140,3 +140,30 @@ async def test_metrics_report_the_node(client: httpx.AsyncClient) -> None:
     for name in ("collab_connections", "collab_messages_published_total", "collab_broker_up"):
         assert name in text
     assert "collab_broker_up 1.0" in text
+
+
+async def test_insert_many_counts_only_new_rows(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        async with create_session_factory(engine)() as session:
+            rows = [
+                message_row(
+                    msg_id=f"count-{n}",
+                    room="count",
+                    epoch="e",
+                    offset=n,
+                    user_id="1",
+                    user_name="ann",
+                    body={},
+                    client_msg_id=None,
+                    created_at=datetime.now(UTC),
+                )
+                for n in range(1, 6)
+            ]
+            repo = MessageRepository(session)
+            assert await repo.insert_many(rows[:3]) == 3
+            assert await repo.insert_many(rows) == 2
+            await session.commit()
+            assert await repo.count("count") == 5
+    finally:
+        await engine.dispose()

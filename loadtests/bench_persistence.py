@@ -1,0 +1,418 @@
+"""The persistence benchmark: messages per second from publish to stored row, through Celery.
+
+What it measures is the pipeline behind an ack: the Celery sink (the object a node hands each
+accepted message to, right after the Redis offset script), the broker, one `collab worker`
+and PostgreSQL. It does not measure WebSocket handling (see `loadtests.fanout`). Two modes:
+
+- *batched*: the production settings, a batch closes at 500 messages or 5 ms;
+- *unbatched*: one task per message (`max_batch=1`), what the batching saves.
+
+Each run stores `--messages` new messages (a fresh `msg_id` each, as many rooms as
+`--rooms`) from `--in-flight` publishers (the connections of a node), each waiting for its
+ack before sending the next, and times
+
+- *acked/s*: until the last `store` returned (every message is in the broker);
+- *stored/s*: until the last row is committed (polled with `count(*)`, every 50 ms);
+- *lag p50/p99*: from acceptance to commit, from the worker's own histogram (the upper bound
+  of the bucket the quantile falls in).
+
+Everything runs on this machine, started here and stopped by PID: a throwaway PostgreSQL
+database (created, migrated, dropped), a queue of its own on the broker (Redis database 12
+under a key prefix of its own, or a queue of its own on RabbitMQ), one worker process group.
+
+    python -m loadtests.bench_persistence --messages 20000
+    python -m loadtests.bench_persistence --messages 20000 --broker amqp --runs 5
+
+Figures are medians over `--runs`; on a shared machine, quote medians, not best runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from sqlalchemy.engine import make_url
+
+REPO = Path(__file__).resolve().parent.parent
+POSTGRES_URL = os.environ.get(
+    "COLLAB_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("COLLAB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+RABBITMQ_URL = os.environ.get("COLLAB_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+BENCH_REDIS_DB = 12
+
+
+@dataclass
+class Result:
+    mode: str
+    run: int
+    messages: int
+    acked_s: float
+    stored_s: float
+    tasks: int
+    lag_p50: float
+    lag_p99: float
+
+    @property
+    def acked_rate(self) -> float:
+        return self.messages / self.acked_s
+
+    @property
+    def stored_rate(self) -> float:
+        return self.messages / self.stored_s
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _admin_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _pg(url: str, *statements: str) -> Any:
+    import asyncpg
+
+    connection = await asyncpg.connect(_admin_dsn(url))
+    try:
+        result = None
+        for statement in statements:
+            result = await connection.fetchval(statement)
+        return result
+    finally:
+        await connection.close()
+
+
+class Broker:
+    def __init__(self, kind: str) -> None:
+        tag = uuid.uuid4().hex[:10]
+        self.kind = kind
+        self.queue = f"collab.bench.{tag}"
+        self.options: dict[str, Any] = {}
+        if kind == "redis":
+            parts = urlsplit(REDIS_URL)
+            self.url = urlunsplit((parts.scheme, parts.netloc, f"/{BENCH_REDIS_DB}", "", ""))
+            self.options = {"global_keyprefix": f"collab-bench-{tag}:"}
+        else:
+            self.url = RABBITMQ_URL
+
+    def env(self) -> dict[str, str]:
+        import json
+
+        return {
+            "COLLAB_CELERY_BROKER_URL": self.url,
+            "COLLAB_CELERY_QUEUE": self.queue,
+            "COLLAB_CELERY_BROKER_TRANSPORT_OPTIONS": json.dumps(self.options),
+        }
+
+    def cleanup(self) -> None:
+        if self.kind == "redis":
+            import redis
+
+            client = redis.Redis.from_url(self.url)
+            try:
+                keys = list(client.scan_iter(match=f"{self.options['global_keyprefix']}*"))
+                if keys:
+                    client.delete(*keys)
+            finally:
+                client.close()
+            return
+        from kombu import connection as kombu_connection
+
+        kombu: Any = kombu_connection
+        with kombu.Connection(self.url, connect_timeout=5) as connection:
+            channel = connection.default_channel
+            with contextlib.suppress(Exception):
+                channel.queue_delete(self.queue)
+            with contextlib.suppress(Exception):
+                channel.exchange_delete(self.queue)
+
+
+class Worker:
+    """One `collab worker` process group, stopped by its PID."""
+
+    def __init__(self, env: dict[str, str], concurrency: int, log_path: Path) -> None:
+        self.env = env
+        self.concurrency = concurrency
+        self.log_path = log_path
+        self.metrics_port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = {**self.env, "COLLAB_CELERY_METRICS_PORT": str(self.metrics_port)}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "collab",
+                    "worker",
+                    "--concurrency",
+                    str(self.concurrency),
+                    "--pool",
+                    "prefork",
+                    "--loglevel",
+                    "WARNING",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "--without-heartbeat",
+                    "--hostname",
+                    f"collab-bench-{uuid.uuid4().hex[:6]}@%h",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                self.scrape()
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"worker not ready:\n{self.log_path.read_text()[-3000:]}")
+
+    def scrape(self) -> dict[str, float]:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        self.process = None
+
+
+def lag_quantile(before: dict[str, float], after: dict[str, float], q: float) -> float:
+    """The upper bound of the histogram bucket holding quantile `q` of this run's lags."""
+    prefix = 'collab_persist_lag_seconds_bucket{le="'
+    buckets = []
+    for name, count in after.items():
+        if name.startswith(prefix):
+            upper = float(name[len(prefix) : -2])
+            buckets.append((upper, count - before.get(name, 0.0)))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+    for bound, count in buckets:
+        if total and count >= q * total:
+            return bound
+    return float("nan")
+
+
+async def one_run(
+    mode: str, run: int, count: int, args: argparse.Namespace, broker: Broker, worker: Worker
+) -> Result:
+    from collab.settings import Settings
+    from persistence.celery_sink import CeleryMessageSink
+    from realtime.protocol import utc_timestamp
+    from realtime.storage import StoredMessage
+    from realtime.types import UserInfo, new_msg_id
+    from workers.app import create_celery_app
+
+    await _pg(args.database_url, "TRUNCATE messages")
+    settings = Settings(
+        env="test",
+        database_url=args.database_url,
+        celery_broker_url=broker.url,
+        celery_queue=broker.queue,
+        celery_broker_transport_options=broker.options,
+    )
+    batched = mode == "batched"
+    sink = CeleryMessageSink(
+        create_celery_app(settings, producer=True),
+        queue_name=broker.queue,
+        max_batch=500 if batched else 1,
+        max_delay=0.005 if batched else 0.0,
+        send_timeout=30.0,
+    )
+    epoch = uuid.uuid4().hex[:8]
+    users = [UserInfo(str(i), f"user {i}") for i in range(10)]
+    # Message ids are the node's work, made before the clock starts; `ts` (acceptance, where
+    # the lag is measured from) is taken at publish time.
+    msg_ids = [new_msg_id() for _ in range(count)]
+
+    async def publisher(first: int, step: int) -> None:
+        # One of `in_flight` publishers, each waiting for its ack before the next message,
+        # as the connections of a node do (an asyncio.Semaphore with thousands of waiters
+        # costs more than what it measures).
+        for n in range(first, count, step):
+            await sink.store(
+                StoredMessage(
+                    msg_id=msg_ids[n],
+                    room=f"bench-{n % args.rooms}",
+                    epoch=epoch,
+                    offset=n // args.rooms + 1,
+                    user=users[n % len(users)],
+                    body={"text": f"benchmark message {n}", "n": n},
+                    client_msg_id=None,
+                    ts=utc_timestamp(),
+                )
+            )
+
+    before = worker.scrape()
+    await sink.start()
+    started = time.perf_counter()
+    publishers = min(args.in_flight, count)
+    await asyncio.gather(*(publisher(i, publishers) for i in range(publishers)))
+    acked = time.perf_counter() - started
+    import asyncpg
+
+    connection = await asyncpg.connect(_admin_dsn(args.database_url))
+    try:
+        while await connection.fetchval("SELECT count(*) FROM messages") < count:
+            if time.perf_counter() - started > args.timeout:
+                raise RuntimeError(f"{mode} run {run}: not all {count} stored in time")
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    stored = time.perf_counter() - started
+    tasks = sink.tasks_sent
+    await sink.close()
+    await asyncio.sleep(0.3)  # let the exporter see the last batch
+    after = worker.scrape()
+    return Result(
+        mode=mode,
+        run=run,
+        messages=count,
+        acked_s=acked,
+        stored_s=stored,
+        tasks=tasks,
+        lag_p50=lag_quantile(before, after, 0.5),
+        lag_p99=lag_quantile(before, after, 0.99),
+    )
+
+
+def print_result(r: Result) -> None:
+    print(
+        f"  {r.mode:<9} run {r.run}: {r.messages:>6} messages, {r.tasks:>6} tasks, "
+        f"acked {r.acked_rate:>8.0f}/s, stored {r.stored_rate:>8.0f}/s, "
+        f"lag p50 <= {r.lag_p50:g}s, p99 <= {r.lag_p99:g}s",
+        flush=True,
+    )
+
+
+def summary(results: list[Result]) -> None:
+    print("\nmedians:")
+    for mode in ("batched", "unbatched"):
+        rows = [r for r in results if r.mode == mode]
+        if not rows:
+            continue
+        print(
+            f"  {mode:<9} {rows[0].messages:>6} messages x {len(rows)} runs: "
+            f"stored {statistics.median(r.stored_rate for r in rows):>8.0f} msg/s, "
+            f"acked {statistics.median(r.acked_rate for r in rows):>8.0f} msg/s, "
+            f"{statistics.median(r.messages / r.tasks for r in rows):.0f} messages/task, "
+            f"lag p50 <= {statistics.median(r.lag_p50 for r in rows):g}s, "
+            f"p99 <= {statistics.median(r.lag_p99 for r in rows):g}s"
+        )
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    from persistence import migrate
+
+    name = f"collab_bench_{uuid.uuid4().hex[:10]}"
+    await _pg(POSTGRES_URL, f'CREATE DATABASE "{name}"')
+    args.database_url = (
+        make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    )
+    broker = Broker(args.broker)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-persistence-") as tmp:
+        log_path = Path(tmp) / "worker.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COLLAB_")}
+        env.update(
+            {
+                "COLLAB_ENV": "test",
+                "COLLAB_DATABASE_URL": args.database_url,
+                "COLLAB_SECRET_KEY": "bench-" + "x" * 40,
+                **broker.env(),
+            }
+        )
+        worker = Worker(env, args.concurrency, log_path)
+        try:
+            await asyncio.to_thread(migrate.upgrade, args.database_url)
+            worker.start()
+            print(
+                f"persistence benchmark: {platform.node()}, {os.cpu_count()} cores, "
+                f"Python {platform.python_version()}; broker {args.broker}, one worker "
+                f"(prefork, concurrency {args.concurrency}), PostgreSQL; "
+                f"{args.in_flight} publishers, {args.rooms} rooms",
+                flush=True,
+            )
+            plan = [("batched", args.messages)] * args.runs
+            if args.unbatched_messages:
+                plan += [("unbatched", args.unbatched_messages)] * args.runs
+            for index, (mode, count) in enumerate(plan):
+                run = index % args.runs + 1
+                result = await one_run(mode, run, count, args, broker, worker)
+                results.append(result)
+                print_result(result)
+        finally:
+            worker.stop()
+            broker.cleanup()
+            await _pg(POSTGRES_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    summary(results)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.bench_persistence",
+        description="Messages per second from publish to stored row, batched and unbatched.",
+    )
+    parser.add_argument("--messages", type=int, default=20000, help="per batched run")
+    parser.add_argument(
+        "--unbatched-messages",
+        type=int,
+        default=None,
+        help="per unbatched run (default: --messages, at most 5000; 0 skips the mode)",
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--broker", choices=["redis", "amqp"], default="redis")
+    parser.add_argument("--concurrency", type=int, default=2, help="worker pool processes")
+    parser.add_argument(
+        "--in-flight", type=int, default=5000, help="publishers, one message unacknowledged each"
+    )
+    parser.add_argument("--rooms", type=int, default=10)
+    parser.add_argument("--timeout", type=float, default=300.0, help="per run, seconds")
+    args = parser.parse_args(argv)
+    if args.unbatched_messages is None:
+        args.unbatched_messages = min(args.messages, 5000)
+    if args.messages < 1 or args.runs < 1 or args.in_flight < 1 or args.rooms < 1:
+        parser.error("--messages, --runs, --in-flight and --rooms must be at least 1")
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
