@@ -57,6 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def broker_ready() -> bool:
             return node.broker.healthy
 
+        async def persistence_ready() -> bool:
+            return node.sink.healthy
+
         app.state.api = ApiContext(
             config=ApiConfig(
                 secret_key=settings.secret,
@@ -66,7 +69,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 auth_rate_burst=settings.auth_rate_burst,
             ),
             sessions=sessions,
-            readiness={"database": database_ready, "broker": broker_ready},
+            readiness={
+                "database": database_ready,
+                "broker": broker_ready,
+                "persistence": persistence_ready,
+            },
             history=DatabaseHistory(sessions),
             realtime=node,
         )

@@ -43,3 +43,16 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "collab_broker_up", "1 when the broker answers", 1.0 if node.broker.healthy else 0.0
         )
+        yield GaugeMetricFamily(
+            "collab_persistence_up",
+            "1 when the last batch of messages was handed to storage",
+            1.0 if node.sink.healthy else 0.0,
+        )
+        for name, doc in (
+            ("stored", "Messages written by this node's in-process sink"),
+            ("messages_sent", "Messages handed to the Celery broker by this node"),
+            ("send_failures", "Batches the Celery broker did not take"),
+        ):
+            value = getattr(node.sink, name, None)
+            if isinstance(value, int):
+                yield CounterMetricFamily(f"collab_sink_{name}", doc, value)

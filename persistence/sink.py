@@ -98,10 +98,12 @@ class DatabaseSink(MessageSink):
                 await session.commit()
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not store %d messages: %s", len(batch), exc)
+            self.healthy = False
             for _, future in batch:
                 if not future.done():
                     future.set_exception(SinkUnavailable("database unavailable"))
             return
+        self.healthy = True
         self.batches += 1
         self.stored += len(batch)
         for _, future in batch:

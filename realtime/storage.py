@@ -50,6 +50,9 @@ class MessageSink(ABC):
     calls share one write.
     """
 
+    # False while the last attempt to hand messages on failed (for `/readyz`).
+    healthy: bool = True
+
     @abstractmethod
     async def start(self) -> None: ...
 
