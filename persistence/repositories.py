@@ -137,8 +137,10 @@ class MessageRepository:
             written = await self.session.execute(stmt, list(rows))
             return len(written.all())
         if dialect in ("mysql", "mariadb"):
+            # One multi-row statement: its rowcount is the rows written (an executemany's
+            # is not reported).
             result = await self.session.execute(
-                mysql.insert(Message).prefix_with("IGNORE"), list(rows)
+                mysql.insert(Message).values(list(rows)).prefix_with("IGNORE")
             )
             return int(getattr(result, "rowcount", 0) or 0)
         raise NotImplementedError(f"no idempotent insert for {dialect}")  # pragma: no cover

@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from collab.app import create_app
 from collab.settings import Settings
 from persistence import migrate
-from tests.services import POSTGRES_URL, REDIS_URL, require
+from tests.services import MYSQL_URL, POSTGRES_URL, REDIS_URL, require
 
 
 @pytest.fixture
@@ -77,17 +77,69 @@ def postgres_database() -> Iterator[str]:
 TABLES = ("messages", "room_members", "rooms", "items", "users")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def _mysql_execute(url: str, *statements: str) -> None:
+    import aiomysql
+
+    parts = make_url(url)
+    connection = await aiomysql.connect(
+        host=parts.host or "127.0.0.1",
+        port=parts.port or 3306,
+        user=parts.username or "root",
+        password=parts.password or "",
+        db=parts.database or "mysql",
+        autocommit=True,
+    )
+    try:
+        async with connection.cursor() as cursor:
+            for statement in statements:
+                await cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="session")
+def mysql_database() -> Iterator[str]:
+    """A MariaDB/MySQL database of this session's own, migrated once, dropped at the end."""
+    require(MYSQL_URL, 3306, "MariaDB/MySQL")
+    name = f"collab_test_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_mysql_execute(MYSQL_URL, f"CREATE DATABASE `{name}`"))
+    url = make_url(MYSQL_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        asyncio.run(_mysql_execute(MYSQL_URL, f"DROP DATABASE IF EXISTS `{name}`"))
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ]
+)
 def database_url(
     request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path
 ) -> Iterator[str]:
-    """Each test that uses it runs twice: on SQLite and on PostgreSQL, with empty tables."""
+    """Each test that uses it runs on SQLite, PostgreSQL and MariaDB, with empty tables."""
     if request.param == "sqlite":
         path = tmp_path / "collab.db"
         shutil.copy(sqlite_template, path)
         yield f"sqlite+aiosqlite:///{path}"
         return
-    url: str = request.getfixturevalue("postgres_database")
+    if request.param == "mysql":
+        url = request.getfixturevalue("mysql_database")
+        asyncio.run(
+            _mysql_execute(
+                url,
+                "SET FOREIGN_KEY_CHECKS=0",
+                *(f"TRUNCATE TABLE {table}" for table in TABLES),
+                "SET FOREIGN_KEY_CHECKS=1",
+            )
+        )
+        yield url
+        return
+    url = request.getfixturevalue("postgres_database")
     asyncio.run(_pg_execute(url, f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
     yield url
 

@@ -18,6 +18,7 @@ REDIS_URL = os.environ.get("COLLAB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 POSTGRES_URL = os.environ.get(
     "COLLAB_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
+MYSQL_URL = os.environ.get("COLLAB_TEST_MYSQL_URL", "mysql+aiomysql://root@127.0.0.1:3306/mysql")
 RABBITMQ_URL = os.environ.get("COLLAB_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
