@@ -1,0 +1,1331 @@
+"""The fan-out benchmark: one room, N subscribers, one publisher, Collab against its peers.
+
+What Locust cannot do at these rates: thousands of subscribers read every delivery in one
+asyncio process (`loadtests.rawws`: no task or future per frame), and one publisher sends
+
+1. *burst*: as fast as acks come back, with at most `--window` publishes unacknowledged (and at
+   most `--max-inflight` deliveries not yet read by the subscribers, so that no server is made
+   to buffer without bound and the figure is a steady state, not a backlog being written into
+   socket buffers), for `--burst-seconds`: deliveries per second;
+2. *rate*: `--rate` messages a second for `--rate-seconds`: publish-to-delivery latency
+   (p50, p99), timed by a monotonic clock carried in the message body.
+
+After each phase it waits until every message has reached every subscriber (or
+`--drain-timeout` passes): `lost` counts deliveries that never came, `gaps` messages that came
+out of order. Before the workload it measures the server's memory per idle joined connection:
+the RSS of the server process (psutil, by PID) before and after the N connections joined.
+
+Every server runs as its own process, started here, on a free loopback port, and stopped by
+its PID: Collab exactly as operators start it (`python -m collab serve`: SQLite, memory broker,
+presence, offsets, bounded queues, acks after storage), with the per-connection rate limit and
+the connections-per-user cap raised so that every subscriber may share one guest token and the
+publisher is not throttled; the subscribers join with `presence_events: false`.
+
+Peers (`loadtests/peers/`): `websockets` (plain `broadcast()`, the reference), `fastapi` (the
+naive endpoint), `socketio` (python-socketio on uvicorn) and `socketio-node` (node's socket.io,
+installed with npm into its folder when node is available). Cases are interleaved (run 1 of
+every target and size, then run 2, ...), so a noisy neighbour spreads over all of them.
+
+    python -m loadtests.fanout compare --subscribers 250,500,1000,2000 --runs 3
+    python -m loadtests.fanout connections --count 10000 --targets collab,websockets
+    python -m loadtests.fanout plot loadtests/results/fanout-*.json --out docs/fanout.png
+
+The generator measures its own CPU and warns above 90% of a core: then it, not the server, may
+be what limits the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil  # type: ignore[import-untyped]
+
+from loadtests.rawws import WebSocketClient, connect
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_PEER = REPO / "loadtests" / "peers" / "socketio_node"
+RESULTS = REPO / "loadtests" / "results"
+ROOM = "bench"
+GENERATOR_CPU_WARNING = 90.0
+
+# --- targets -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server under test: how to start it and which dialect its clients speak."""
+
+    name: str
+    label: str
+    dialect: str  # "collab": Collab's protocol (or the subset the simple peers speak); "socketio"
+    path: str
+    command: Callable[[int], list[str]]
+    needs_token: bool = False
+
+    def available(self) -> str | None:
+        """Why this target cannot run here, or None."""
+        if self.name == "socketio":
+            try:
+                import socketio  # type: ignore[import-untyped]  # noqa: F401
+            except ImportError:
+                return "python-socketio is not installed (pip install python-socketio)"
+        if self.name == "socketio-node":
+            if shutil.which("node") is None:
+                return "node is not installed"
+            if not (NODE_PEER / "node_modules" / "socket.io").is_dir():
+                if shutil.which("npm") is None:
+                    return "npm is not installed"
+                print(f"installing socket.io with npm into {NODE_PEER} ...", flush=True)
+                done = subprocess.run(
+                    ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(NODE_PEER)],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                    check=False,
+                )
+                if done.returncode != 0:
+                    return f"npm install failed: {done.stderr[-500:]}"
+        return None
+
+
+def _python(module: str, *extra: str) -> Callable[[int], list[str]]:
+    return lambda port: [sys.executable, "-m", module, "--port", str(port), *extra]
+
+
+TARGETS: dict[str, Target] = {
+    target.name: target
+    for target in (
+        Target(
+            "collab",
+            "Collab",
+            "collab",
+            "/ws/chat",
+            lambda port: [
+                sys.executable,
+                "-m",
+                "collab",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            needs_token=True,
+        ),
+        Target(
+            "websockets",
+            "websockets broadcast()",
+            "collab",
+            "/",
+            _python("loadtests.peers.websockets_server"),
+        ),
+        Target(
+            "fastapi", "naive FastAPI", "collab", "/ws", _python("loadtests.peers.fastapi_server")
+        ),
+        Target(
+            "socketio",
+            "python-socketio",
+            "socketio",
+            "/socket.io/?EIO=4&transport=websocket",
+            _python("loadtests.peers.socketio_server"),
+        ),
+        Target(
+            "socketio-node",
+            "socket.io (node)",
+            "socketio",
+            "/socket.io/?EIO=4&transport=websocket",
+            lambda port: ["node", str(NODE_PEER / "server.js"), "--port", str(port)],
+        ),
+    )
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """One server process on a free loopback port; stopped by its PID."""
+
+    def __init__(self, target: Target, workdir: Path, max_connections: int) -> None:
+        self.target = target
+        self.port = free_port()
+        self.workdir = workdir
+        self.max_connections = max_connections
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ps: psutil.Process | None = None
+        self.token: str | None = None
+        self.log_path = workdir / f"{target.name}-{self.port}.log"
+
+    @property
+    def base(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COLLAB_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        if self.target.name == "collab":
+            env.update(
+                {
+                    "COLLAB_DATABASE_URL": f"sqlite+aiosqlite:///{self.workdir / 'collab.db'}",
+                    "COLLAB_SECRET_KEY": "bench-" + "k" * 48,
+                    # Raised for load; everything else (presence, offsets, bounded queues,
+                    # acks after storage, heartbeats) stays at its default.
+                    "COLLAB_RATE_LIMIT": "1000000",
+                    "COLLAB_RATE_BURST": "1000000",
+                    "COLLAB_MAX_CONNECTIONS_PER_USER": str(self.max_connections),
+                    "COLLAB_MAX_CONNECTIONS": str(self.max_connections),
+                }
+            )
+        return env
+
+    def launch(self) -> subprocess.Popen[bytes]:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.target.command(self.port),
+                cwd=REPO,
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.ps = psutil.Process(self.process.pid)
+        return self.process
+
+    async def start(self, within: float = 60.0) -> None:
+        process = self.launch()
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{self.target.name} exited early:\n{self.log_tail()}")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        else:
+            self.stop()
+            raise RuntimeError(f"{self.target.name} did not listen in {within}s")
+        if self.target.needs_token:
+            self.token = await asyncio.to_thread(self._guest_token)
+        # The PID is for attaching a profiler: py-spy record -p PID
+        print(f"  server pid {process.pid}, port {self.port}", flush=True)
+
+    def _guest_token(self) -> str:
+        request = urllib.request.Request(
+            f"http://{self.base}/auth/guest",
+            data=b'{"name": "bench"}',
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            token: str = json.loads(response.read())["access_token"]
+        return token
+
+    def url(self) -> str:
+        path = self.target.path
+        if self.token:
+            path += ("&" if "?" in path else "?") + f"token={self.token}"
+        return f"ws://{self.base}{path}"
+
+    def rss(self) -> int:
+        assert self.ps is not None
+        return int(self.ps.memory_info().rss)
+
+    def cpu_seconds(self) -> float:
+        assert self.ps is not None
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM, then SIGKILL when it does not go in time; only our own process."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+
+# --- clients -----------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Counts every delivery to the subscribers; the latencies while a phase records them."""
+
+    __slots__ = (
+        "complete",
+        "counts",
+        "deliveries",
+        "gaps",
+        "last_delivery",
+        "latencies",
+        "members",
+        "progress",
+        "waiting",
+    )
+
+    def __init__(self) -> None:
+        self.members = 0
+        self.deliveries = 0
+        self.complete = 0  # messages that reached every subscriber
+        self.counts: dict[int, int] = {}
+        self.gaps = 0
+        self.last_delivery = 0.0
+        self.latencies: list[float] | None = None
+        self.progress = asyncio.Event()
+        self.waiting = False
+
+    def delivered(self, session: Session, seq: int, sent: float) -> None:
+        now = time.monotonic()
+        self.deliveries += 1
+        self.last_delivery = now
+        if self.latencies is not None:
+            self.latencies.append(now - sent)
+        if seq != session.last_seq + 1:
+            self.gaps += 1
+        session.last_seq = seq
+        count = self.counts.get(seq, 0) + 1
+        if count >= self.members:
+            self.counts.pop(seq, None)
+            self.complete += 1
+            if self.waiting:
+                self.progress.set()
+        else:
+            self.counts[seq] = count
+
+    def wake(self) -> None:
+        if self.waiting:
+            self.progress.set()
+
+    async def until(self, condition: Callable[[], bool], within: float) -> bool:
+        """Wait (woken by deliveries and acks) until `condition()` holds; False on timeout."""
+        deadline = time.monotonic() + within
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.progress.clear()
+            self.waiting = True
+            try:
+                await asyncio.wait_for(self.progress.wait(), min(remaining, 0.5))
+            except TimeoutError:
+                pass
+            finally:
+                self.waiting = False
+        return True
+
+
+_COLLAB_MESSAGE = b'{"type":"message"'
+_SIO_MESSAGE = b'42["message"'
+
+
+class Session:
+    """One connection: joins the room, then counts deliveries (subscriber) or acks (publisher)."""
+
+    __slots__ = (
+        "ack_latencies",
+        "acked",
+        "dialect",
+        "error",
+        "last_seq",
+        "publisher",
+        "ready",
+        "recorder",
+        "sent_at",
+        "ws",
+    )
+
+    def __init__(self, dialect: str, recorder: Recorder, *, publisher: bool = False) -> None:
+        self.dialect = dialect
+        self.recorder = recorder
+        self.publisher = publisher
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.last_seq = 0
+        self.ws: WebSocketClient | None = None
+        self.error: str | None = None
+        self.acked = 0
+        self.sent_at: dict[int, float] = {}
+        self.ack_latencies: list[float] | None = None
+
+    # The hot path: every delivery of the run comes through here.
+    def on_text(self, ws: WebSocketClient, payload: bytes) -> None:
+        if self.dialect == "collab":
+            if payload.startswith(_COLLAB_MESSAGE):
+                if not self.publisher:
+                    body = orjson.loads(payload)["body"]
+                    self.recorder.delivered(self, body["seq"], body["t"])
+                return
+            self._collab_control(ws, orjson.loads(payload))
+            return
+        if payload.startswith(_SIO_MESSAGE):
+            if not self.publisher:
+                body = orjson.loads(payload[2:])[1]["body"]
+                self.recorder.delivered(self, body["seq"], body["t"])
+            return
+        self._socketio_control(ws, payload)
+
+    def _collab_control(self, ws: WebSocketClient, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "welcome":
+            join = {"type": "join", "id": 0, "room": ROOM, "presence_events": False}
+            ws.send(orjson.dumps(join))
+        elif kind == "joined":
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif kind == "ack":
+            self._acked(int(frame["id"]))
+        elif kind == "error":
+            self._fail(f"error {frame.get('code')}: {frame.get('message')}")
+
+    def _socketio_control(self, ws: WebSocketClient, payload: bytes) -> None:
+        if payload == b"2":  # engine.io ping
+            ws.send(b"3")
+        elif payload.startswith(b"0"):  # engine.io open: connect to the default namespace
+            ws.send(b"40")
+        elif payload.startswith(b"40"):  # namespace connected: join the room (ack id 0)
+            ws.send(b'420["join",' + orjson.dumps(ROOM) + b"]")
+        elif payload.startswith(b"43"):  # an ack
+            ack_id = int(payload[2 : payload.index(b"[")])
+            if ack_id == 0:
+                if not self.ready.done():
+                    self.ready.set_result(None)
+            else:
+                self._acked(ack_id)
+        elif payload.startswith(b"44"):
+            self._fail(f"connect error: {payload[:200]!r}")
+
+    def _acked(self, seq: int) -> None:
+        self.acked += 1
+        sent = self.sent_at.pop(seq, None)
+        if sent is not None and self.ack_latencies is not None:
+            self.ack_latencies.append(time.monotonic() - sent)
+        self.recorder.wake()
+
+    def _fail(self, reason: str) -> None:
+        self.error = reason
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(reason))
+
+    def publish(self, seq: int) -> None:
+        assert self.ws is not None
+        now = time.monotonic()
+        self.sent_at[seq] = now
+        body = {"seq": seq, "t": now, "text": "hello"}
+        if self.dialect == "collab":
+            frame = orjson.dumps({"type": "publish", "id": seq, "room": ROOM, "body": body})
+        else:
+            data = orjson.dumps(["publish", {"room": ROOM, "body": body}])
+            frame = b"42" + str(seq).encode() + data
+        self.ws.send(frame)
+
+
+async def open_session(
+    url: str, dialect: str, recorder: Recorder, *, publisher: bool = False, within: float = 30.0
+) -> Session:
+    session = Session(dialect, recorder, publisher=publisher)
+    session.ws = await connect(url, session.on_text, within=within)
+    try:
+        await asyncio.wait_for(asyncio.shield(session.ready), within)
+    except BaseException:
+        session.ws.abort()
+        if session.ready.done() and not session.ready.cancelled():
+            session.ready.exception()
+        raise
+    return session
+
+
+async def open_many(
+    count: int, opener: Callable[[], Awaitable[Session]], concurrency: int
+) -> tuple[list[Session], dict[str, int], float]:
+    """Open `count` sessions, at most `concurrency` handshakes at once: the sessions, failures
+    by reason, and the seconds it took."""
+    gate = asyncio.Semaphore(concurrency)
+    failures: dict[str, int] = {}
+    sessions: list[Session] = []
+
+    async def one() -> None:
+        async with gate:
+            try:
+                sessions.append(await opener())
+            except Exception as exc:  # every failure is counted and reported, none is fatal
+                reason = f"{type(exc).__name__}: {exc}"[:120]
+                failures[reason] = failures.get(reason, 0) + 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(count)))
+    return sessions, failures, time.monotonic() - started
+
+
+class CpuMeter:
+    """CPU over a phase, in percent of one core: the server's, this generator's, and that of
+    every other process on the machine (on a shared machine, a server below 100% may be
+    starved rather than idle)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.me = psutil.Process()
+        self.wall = time.monotonic()
+        self.server_cpu = server.cpu_seconds()
+        times = self.me.cpu_times()
+        self.gen_cpu = times.user + times.system
+        self.machine = _busy_seconds()
+        self.server_seconds = 0.0
+
+    def read(self) -> tuple[float, float, float]:
+        wall = max(time.monotonic() - self.wall, 1e-9)
+        times = self.me.cpu_times()
+        self.server_seconds = self.server.cpu_seconds() - self.server_cpu
+        server = self.server_seconds / wall * 100
+        generator = (times.user + times.system - self.gen_cpu) / wall * 100
+        machine = (_busy_seconds() - self.machine) / wall * 100
+        others = max(0.0, machine - server - generator)
+        return round(server, 1), round(generator, 1), round(others, 1)
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores)."""
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return float(sum(times) - idle)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 3)
+
+
+# --- one case ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    window: int = 256
+    max_inflight: int = 131072
+    burst_seconds: float = 5.0
+    rate: float = 10.0
+    rate_seconds: float = 10.0
+    drain_timeout: float = 15.0
+    concurrency: int = 200
+    settle: float = 2.0
+
+
+@dataclass
+class Phase:
+    published: int = 0
+    acked: int = 0
+    deliveries: int = 0
+    expected: int = 0
+    lost: int = 0
+    gaps: int = 0
+    seconds: float = 0.0
+    deliveries_per_s: float = 0.0
+    messages_per_s: float = 0.0
+    throttled_by_inflight: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    p999_ms: float | None = None
+    max_ms: float | None = None
+    ack_p50_ms: float | None = None
+    ack_p99_ms: float | None = None
+    server_cpu: float = 0.0
+    generator_cpu: float = 0.0
+    others_cpu: float = 0.0  # every other process on the machine, in % of one core
+    # Deliveries per second of server CPU: less at the mercy of a noisy neighbour.
+    deliveries_per_server_cpu_s: int = 0
+    disconnected: int = 0
+
+
+@dataclass
+class Case:
+    target: str
+    subscribers: int
+    run: int
+    joined: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    connect_seconds: float = 0.0
+    rss_before: int = 0
+    rss_after: int = 0
+    bytes_per_connection: float = 0.0
+    burst: Phase | None = None
+    rate: Phase | None = None
+    error: str | None = None
+
+
+async def _burst(
+    server: Server, publisher: Session, recorder: Recorder, subs: list[Session], opts: Options
+) -> Phase:
+    phase = Phase()
+    meter = CpuMeter(server)
+    first_seq = publisher.last_seq + 1
+    seq = first_seq - 1
+    start_deliveries, start_gaps = recorder.deliveries, recorder.gaps
+    start_acked, start_complete = publisher.acked, recorder.complete
+    started = time.monotonic()
+    deadline = started + opts.burst_seconds
+    # In messages: enough deliveries in flight to keep any server busy, few enough that every
+    # one of them is a fraction of a second of work.
+    max_lag = max(2, opts.max_inflight // max(len(subs), 1))
+
+    def may_send() -> bool:
+        unacked = (seq - first_seq + 1) - (publisher.acked - start_acked)
+        behind = (seq - first_seq + 1) - (recorder.complete - start_complete)
+        return unacked < opts.window and behind < max_lag
+
+    while time.monotonic() < deadline:
+        if not may_send():
+            unacked = (seq - first_seq + 1) - (publisher.acked - start_acked)
+            if unacked < opts.window:
+                phase.throttled_by_inflight += 1
+            if not await recorder.until(may_send, deadline - time.monotonic()):
+                break
+            continue
+        seq += 1
+        publisher.publish(seq)
+        if seq % 16 == 0:
+            await asyncio.sleep(0)  # let replies in between publishes
+    publisher.last_seq = seq
+    phase.published = seq - first_seq + 1
+    await recorder.until(
+        lambda: recorder.complete - start_complete >= phase.published, opts.drain_timeout
+    )
+    await recorder.until(lambda: publisher.acked - start_acked >= phase.published, 5.0)
+    phase.server_cpu, phase.generator_cpu, phase.others_cpu = meter.read()
+    phase.acked = publisher.acked - start_acked
+    phase.deliveries = recorder.deliveries - start_deliveries
+    phase.expected = phase.published * len(subs)
+    phase.lost = phase.expected - phase.deliveries
+    phase.gaps = recorder.gaps - start_gaps
+    phase.seconds = round(max(recorder.last_delivery - started, 1e-9), 3)
+    phase.deliveries_per_s = round(phase.deliveries / phase.seconds)
+    phase.messages_per_s = round(phase.published / phase.seconds, 1)
+    phase.disconnected = sum(1 for s in subs if s.ws is None or not s.ws.is_open)
+    phase.deliveries_per_server_cpu_s = round(phase.deliveries / max(meter.server_seconds, 1e-9))
+    return phase
+
+
+async def _rate(
+    server: Server, publisher: Session, recorder: Recorder, subs: list[Session], opts: Options
+) -> Phase:
+    phase = Phase()
+    count = max(1, round(opts.rate * opts.rate_seconds))
+    interval = 1.0 / opts.rate
+    recorder.latencies = []
+    publisher.ack_latencies = []
+    start_deliveries, start_gaps = recorder.deliveries, recorder.gaps
+    start_acked, start_complete = publisher.acked, recorder.complete
+    meter = CpuMeter(server)
+    started = time.monotonic()
+    seq = publisher.last_seq
+    for i in range(count):
+        delay = started + i * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        seq += 1
+        publisher.publish(seq)
+    publisher.last_seq = seq
+    await recorder.until(lambda: recorder.complete - start_complete >= count, opts.drain_timeout)
+    await recorder.until(lambda: publisher.acked - start_acked >= count, 5.0)
+    phase.server_cpu, phase.generator_cpu, phase.others_cpu = meter.read()
+    latencies, recorder.latencies = recorder.latencies, None
+    acks, publisher.ack_latencies = publisher.ack_latencies, None
+    phase.published = count
+    phase.acked = publisher.acked - start_acked
+    phase.deliveries = recorder.deliveries - start_deliveries
+    phase.expected = count * len(subs)
+    phase.lost = phase.expected - phase.deliveries
+    phase.gaps = recorder.gaps - start_gaps
+    phase.seconds = round(recorder.last_delivery - started, 3)
+    phase.deliveries_per_s = round(phase.deliveries / max(phase.seconds, 1e-9))
+    phase.messages_per_s = round(count / max(phase.seconds, 1e-9), 1)
+    phase.p50_ms = ms(percentile(latencies, 50))
+    phase.p99_ms = ms(percentile(latencies, 99))
+    phase.p999_ms = ms(percentile(latencies, 99.9))
+    phase.max_ms = ms(max(latencies) if latencies else None)
+    phase.ack_p50_ms = ms(percentile(acks, 50))
+    phase.ack_p99_ms = ms(percentile(acks, 99))
+    phase.disconnected = sum(1 for s in subs if s.ws is None or not s.ws.is_open)
+    phase.deliveries_per_server_cpu_s = round(phase.deliveries / max(meter.server_seconds, 1e-9))
+    return phase
+
+
+async def run_case(
+    target: Target, subscribers: int, run: int, opts: Options, workdir: Path
+) -> Case:
+    case = Case(target.name, subscribers, run)
+    server = Server(target, workdir, max_connections=subscribers + 1000)
+    sessions: list[Session] = []
+    try:
+        await server.start()
+        recorder = Recorder()
+        url = server.url()
+        publisher = await open_session(url, target.dialect, recorder, publisher=True)
+        sessions.append(publisher)
+        await asyncio.sleep(opts.settle)
+        case.rss_before = server.rss()
+        subs, case.failures, case.connect_seconds = await open_many(
+            subscribers, lambda: open_session(url, target.dialect, recorder), opts.concurrency
+        )
+        sessions.extend(subs)
+        case.connect_seconds = round(case.connect_seconds, 3)
+        case.joined = len(subs)
+        recorder.members = len(subs)
+        await asyncio.sleep(opts.settle)
+        case.rss_after = server.rss()
+        if subs:
+            case.bytes_per_connection = round((case.rss_after - case.rss_before) / len(subs))
+            case.burst = await _burst(server, publisher, recorder, subs, opts)
+            case.rate = await _rate(server, publisher, recorder, subs, opts)
+    except Exception as exc:  # one failed case is reported; the others still run
+        case.error = f"{type(exc).__name__}: {exc!r}"
+        print(f"  {target.name}: {case.error}\n{server.log_tail()}", file=sys.stderr)
+    finally:
+        # Clients first: a server stopping gracefully waits for close handshakes that a
+        # blocked generator could not answer.
+        for session in sessions:
+            if session.ws is not None:
+                session.ws.abort()
+        # In a thread: the loop must go on running to carry out those aborts.
+        await asyncio.to_thread(server.stop)
+    return case
+
+
+# --- connections mode --------------------------------------------------------------------------
+
+
+@dataclass
+class ConnectionsCase:
+    target: str
+    count: int
+    run: int
+    joined: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    connect_seconds: float = 0.0
+    connections_per_s: float = 0.0
+    dropped_while_idle: int = 0
+    close_codes: dict[str, int] = field(default_factory=dict)
+    rss_before: int = 0
+    rss_after: int = 0
+    bytes_per_connection: float = 0.0
+    server_cpu_while_idle: float = 0.0
+    error: str | None = None
+
+
+async def run_connections(
+    target: Target, count: int, run: int, hold: float, opts: Options, workdir: Path
+) -> ConnectionsCase:
+    case = ConnectionsCase(target.name, count, run)
+    server = Server(target, workdir, max_connections=count + 1000)
+    sessions: list[Session] = []
+    try:
+        await server.start()
+        recorder = Recorder()
+        url = server.url()
+        # One connection first, so that everything loaded lazily is in the "before" figure.
+        sessions.append(await open_session(url, target.dialect, recorder, publisher=True))
+        await asyncio.sleep(opts.settle)
+        case.rss_before = server.rss()
+        subs, case.failures, seconds = await open_many(
+            count, lambda: open_session(url, target.dialect, recorder), opts.concurrency
+        )
+        sessions.extend(subs)
+        case.joined = len(subs)
+        case.connect_seconds = round(seconds, 3)
+        case.connections_per_s = round(count / seconds, 1)
+        meter = CpuMeter(server)
+        await asyncio.sleep(hold)
+        case.server_cpu_while_idle = meter.read()[0]
+        case.rss_after = server.rss()
+        case.bytes_per_connection = round((case.rss_after - case.rss_before) / max(len(subs), 1))
+        for session in subs:
+            if session.ws is None or not session.ws.is_open:
+                case.dropped_while_idle += 1
+                code = str(session.ws.close_code if session.ws else None)
+                case.close_codes[code] = case.close_codes.get(code, 0) + 1
+    except Exception as exc:  # reported in the results, like a failed connection
+        case.error = f"{type(exc).__name__}: {exc!r}"
+        print(f"  {target.name}: {case.error}\n{server.log_tail()}", file=sys.stderr)
+    finally:
+        for session in sessions:
+            if session.ws is not None:
+                session.ws.abort()
+        await asyncio.to_thread(server.stop, 60)
+    return case
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    """The machine and the versions of everything measured, for the results file."""
+
+    def version(module: str) -> str | None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            return dist_version(module)
+        except Exception:
+            return None
+
+    node = None
+    if shutil.which("node"):
+        node = subprocess.run(
+            ["node", "--version"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    sio_node = None
+    package = NODE_PEER / "node_modules" / "socket.io" / "package.json"
+    if package.is_file():
+        sio_node = json.loads(package.read_text())["version"]
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "kernel": platform.release(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "node": node,
+            "socket.io (node)": sio_node,
+            **{
+                name: version(name)
+                for name in (
+                    "uvicorn",
+                    "uvloop",
+                    "websockets",
+                    "fastapi",
+                    "starlette",
+                    "python-socketio",
+                    "python-engineio",
+                    "orjson",
+                )
+            },
+        },
+    }
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Medians over runs, per target and number of subscribers."""
+    table: dict[str, dict[int, dict[str, Any]]] = {}
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for case in cases:
+        groups.setdefault((case["target"], case["subscribers"]), []).append(case)
+    for (target, n), runs in sorted(groups.items()):
+        ok = [r for r in runs if r.get("burst") and r.get("rate")]
+
+        def pick(phase: str, key: str, ok: list[dict[str, Any]] = ok) -> float | None:
+            return median([r[phase][key] for r in ok])
+
+        table.setdefault(target, {})[n] = {
+            "runs": len(runs),
+            "ok_runs": len(ok),
+            "deliveries_per_s": pick("burst", "deliveries_per_s"),
+            "deliveries_per_cpu_s": median(
+                [r["burst"].get("deliveries_per_server_cpu_s") or None for r in ok]
+            ),
+            "messages_per_s": pick("burst", "messages_per_s"),
+            "burst_server_cpu": pick("burst", "server_cpu"),
+            "burst_generator_cpu": pick("burst", "generator_cpu"),
+            "p50_ms": pick("rate", "p50_ms"),
+            "p99_ms": pick("rate", "p99_ms"),
+            "ack_p99_ms": pick("rate", "ack_p99_ms"),
+            "bytes_per_connection": median([r["bytes_per_connection"] for r in ok]),
+            "lost": sum(r["burst"]["lost"] + r["rate"]["lost"] for r in ok),
+            "gaps": sum(r["burst"]["gaps"] + r["rate"]["gaps"] for r in ok),
+            "failures": sum(sum(r["failures"].values()) for r in runs),
+            "errors": [r["error"] for r in runs if r.get("error")],
+        }
+    return table
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def print_summary(cases: list[dict[str, Any]]) -> None:
+    table = summarize(cases)
+    sizes = sorted({n for per in table.values() for n in per})
+    header = (
+        f"{'target':<15}{'subs':>6}{'deliv/s':>10}{'msg/s':>8}{'srv%':>6}{'gen%':>6}"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'KB/conn':>9}{'lost':>6}{'fail':>6}"
+    )
+    print("\nmedians over runs (burst: deliveries/s; rate phase: latency)")
+    print(header)
+    for n in sizes:
+        for target, per in table.items():
+            row = per.get(n)
+            if row is None:
+                continue
+            kb = row["bytes_per_connection"]
+            print(
+                f"{target:<15}{n:>6}{_fmt(row['deliveries_per_s']):>10}"
+                f"{_fmt(row['messages_per_s'], 1):>8}{_fmt(row['burst_server_cpu']):>6}"
+                f"{_fmt(row['burst_generator_cpu']):>6}{_fmt(row['p50_ms'], 2):>9}"
+                f"{_fmt(row['p99_ms'], 2):>9}{_fmt(kb / 1024 if kb else None, 1):>9}"
+                f"{row['lost']:>6}{row['failures']:>6}"
+            )
+    if "collab" not in table:
+        return
+    print("\nratios, Collab / peer (deliveries: higher is better; p99 and memory: lower)")
+    for n in sizes:
+        mine = table["collab"].get(n)
+        if mine is None:
+            continue
+        for target, per in table.items():
+            peer = per.get(n)
+            if target == "collab" or peer is None:
+                continue
+            deliveries = _ratio(mine, peer, "deliveries_per_s")
+            print(
+                f"  {n:>5} subs vs {target:<14} deliveries x{deliveries}"
+                f"  p99 x{_ratio(mine, peer, 'p99_ms')}"
+                f"  memory x{_ratio(mine, peer, 'bytes_per_connection')}"
+            )
+
+
+def _ratio(mine: dict[str, Any], peer: dict[str, Any], key: str) -> str:
+    a, b = mine.get(key), peer.get(key)
+    if not a or not b:
+        return "-"
+    return f"{a / b:.2f}"
+
+
+def print_connections(cases: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{'target':<15}{'conns':>7}{'joined':>8}{'fail':>6}{'dropped':>8}"
+        f"{'conn/s':>8}{'RSS MB':>8}{'KB/conn':>9}{'idle srv%':>10}"
+    )
+    for c in cases:
+        print(
+            f"{c['target']:<15}{c['count']:>7}{c['joined']:>8}{sum(c['failures'].values()):>6}"
+            f"{c['dropped_while_idle']:>8}{_fmt(c['connections_per_s']):>8}"
+            f"{_fmt(c['rss_after'] / 2**20, 1):>8}{_fmt(c['bytes_per_connection'] / 1024, 1):>9}"
+            f"{_fmt(c['server_cpu_while_idle'], 1):>10}"
+        )
+        for reason, n in c["failures"].items():
+            print(f"    {n} x {reason}")
+        if c.get("error"):
+            print(f"    error: {c['error']}")
+
+
+def _spread(values: Sequence[float | None], digits: int = 0) -> str:
+    """`median (min-max)` of the runs, for a Markdown table."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    mid = statistics.median(present)
+    if len(present) == 1:
+        return _fmt(mid, digits)
+    return f"{_fmt(mid, digits)} ({_fmt(min(present), digits)}-{_fmt(max(present), digits)})"
+
+
+def markdown(paths: Sequence[Path]) -> str:
+    """Markdown tables of results files: medians over runs, with the runs' range."""
+    compare_cases: list[dict[str, Any]] = []
+    connection_cases: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        (compare_cases if data["mode"] == "compare" else connection_cases).extend(data["cases"])
+    lines: list[str] = []
+    labels = {t.name: t.label for t in TARGETS.values()}
+    if compare_cases:
+        groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+        for case in compare_cases:
+            groups.setdefault((case["subscribers"], case["target"]), []).append(case)
+        lines += [
+            "| subscribers | server | deliveries/s | per server CPU-s | p50 ms | p99 ms "
+            "| KB/conn | runs | lost |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for (n, target), runs in sorted(groups.items()):
+            ok = [r for r in runs if r.get("burst") and r.get("rate")]
+            lost = sum(r["burst"]["lost"] + r["rate"]["lost"] for r in ok)
+            lines.append(
+                f"| {n} | {labels.get(target, target)} "
+                f"| {_spread([r['burst']['deliveries_per_s'] for r in ok])} "
+                f"| {_fmt(median([r['burst'].get('deliveries_per_server_cpu_s') for r in ok]))} "
+                f"| {_spread([r['rate']['p50_ms'] for r in ok], 1)} "
+                f"| {_spread([r['rate']['p99_ms'] for r in ok], 1)} "
+                f"| {_fmt(median([r['bytes_per_connection'] / 1024 for r in ok]), 1)} "
+                f"| {len(ok)}/{len(runs)} | {lost} |"
+            )
+        table = summarize(compare_cases)
+        mine = table.get("collab", {})
+        if mine:
+            lines += [
+                "",
+                "| subscribers | peer | Collab's deliveries/s | per server CPU-s | Collab's p99 "
+                "| Collab's KB/conn |",
+                "|---:|---|---:|---:|---:|---:|",
+            ]
+            for n in sorted(mine):
+                for target, per in table.items():
+                    if target == "collab" or n not in per:
+                        continue
+                    lines.append(
+                        f"| {n} | {labels.get(target, target)} "
+                        f"| x{_ratio(mine[n], per[n], 'deliveries_per_s')} "
+                        f"| x{_ratio(mine[n], per[n], 'deliveries_per_cpu_s')} "
+                        f"| x{_ratio(mine[n], per[n], 'p99_ms')} "
+                        f"| x{_ratio(mine[n], per[n], 'bytes_per_connection')} |"
+                    )
+    if connection_cases:
+        groups2: dict[str, list[dict[str, Any]]] = {}
+        for case in connection_cases:
+            groups2.setdefault(case["target"], []).append(case)
+        if lines:
+            lines.append("")
+        lines += [
+            "| server | connections | joined | failed | dropped | connections/s "
+            "| RSS MB | KB/conn | runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for target, runs in groups2.items():
+            lines.append(
+                f"| {labels.get(target, target)} | {runs[0]['count']} "
+                f"| {min(r['joined'] for r in runs)} "
+                f"| {max(sum(r['failures'].values()) for r in runs)} "
+                f"| {max(r['dropped_while_idle'] for r in runs)} "
+                f"| {_spread([r['connections_per_s'] for r in runs])} "
+                f"| {_spread([r['rss_after'] / 2**20 for r in runs], 1)} "
+                f"| {_spread([r['bytes_per_connection'] / 1024 for r in runs], 1)} "
+                f"| {len(runs)} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(paths: Sequence[Path], out: Path) -> None:
+    """Deliveries per second and latency against subscribers, one line per target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib: pip install matplotlib") from None
+    cases: list[dict[str, Any]] = []
+    for path in paths:
+        cases.extend(json.loads(Path(path).read_text())["cases"])
+    table = summarize(cases)
+    labels = {t.name: t.label for t in TARGETS.values()}
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.8))
+    for target, per in table.items():
+        sizes = sorted(per)
+        label = labels.get(target, target)
+        width = 2.5 if target == "collab" else 1.5
+        left.plot(
+            sizes,
+            [per[n]["deliveries_per_s"] for n in sizes],
+            marker="o",
+            linewidth=width,
+            label=label,
+        )
+        middle.plot(
+            sizes,
+            [per[n]["deliveries_per_cpu_s"] for n in sizes],
+            marker="o",
+            linewidth=width,
+            label=label,
+        )
+        (line,) = right.plot(
+            sizes, [per[n]["p99_ms"] for n in sizes], marker="o", linewidth=width, label=label
+        )
+        right.plot(
+            sizes,
+            [per[n]["p50_ms"] for n in sizes],
+            marker=".",
+            linestyle="--",
+            linewidth=1,
+            color=line.get_color(),
+        )
+    middle.set_title("Deliveries per second of server CPU (burst)")
+    middle.set_xlabel("subscribers in one room")
+    middle.set_ylabel("deliveries per server CPU-second")
+    middle.grid(True, alpha=0.3)
+    left.set_title("Fan-out throughput (burst phase, medians)")
+    left.set_xlabel("subscribers in one room")
+    left.set_ylabel("deliveries per second")
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=8, loc="lower left")
+    right.set_title("Publish-to-delivery latency at the fixed rate (p99 solid, p50 dashed)")
+    right.set_xlabel("subscribers in one room")
+    right.set_ylabel("milliseconds")
+    right.set_yscale("log")
+    right.grid(True, alpha=0.3, which="both")
+    right.title.set_fontsize(10)
+    for axis in (left, middle, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(sorted({n for per in table.values() for n in per}))
+        axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"plot written to {out}")
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _targets(spec: str) -> list[Target]:
+    chosen: list[Target] = []
+    for name in (s.strip() for s in spec.split(",") if s.strip()):
+        if name not in TARGETS:
+            raise SystemExit(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
+        target = TARGETS[name]
+        why = target.available()
+        if why is not None:
+            print(f"skipping {name}: {why}", file=sys.stderr)
+            continue
+        chosen.append(target)
+    return chosen
+
+
+def _raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if needed > soft:
+        print(
+            f"warning: {needed} connections need about as many file descriptors; "
+            f"this process may open {soft}",
+            file=sys.stderr,
+        )
+
+
+def _warn_generator(cpu: float, what: str) -> None:
+    if cpu > GENERATOR_CPU_WARNING:
+        print(
+            f"  warning: the generator used {cpu:.0f}% of a core during {what}; "
+            "it may be the bottleneck, not the server",
+            file=sys.stderr,
+        )
+
+
+def _write(out: Path, payload: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1))
+
+
+async def compare(args: argparse.Namespace) -> Path:
+    targets = _targets(args.targets)
+    sizes = [int(s) for s in args.subscribers.split(",") if s.strip()]
+    opts = Options(
+        window=args.window,
+        max_inflight=args.max_inflight,
+        burst_seconds=args.burst_seconds,
+        rate=args.rate,
+        rate_seconds=args.rate_seconds,
+        drain_timeout=args.drain_timeout,
+        concurrency=args.concurrency,
+        settle=args.settle,
+    )
+    _raise_fd_limit(max(sizes) + 100)
+    out = Path(args.out or RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    payload: dict[str, Any] = {
+        "mode": "compare",
+        "command": " ".join(["python -m loadtests.fanout", *sys.argv[1:]]),
+        "options": asdict(opts),
+        "environment": environment(),
+        "cases": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="fanout-") as tmp:
+        for run, n, target in itertools.product(range(1, args.runs + 1), sizes, targets):
+            print(f"run {run}/{args.runs}: {target.name} with {n} subscribers", flush=True)
+            workdir = Path(tmp) / f"{target.name}-{n}-{run}"
+            workdir.mkdir()
+            case = await run_case(target, n, run, opts, workdir)
+            _report_case(case)
+            payload["cases"].append(asdict(case))
+            _write(out, payload)
+    print_summary(payload["cases"])
+    print(f"\nresults written to {out}")
+    if args.plot:
+        plot([out], Path(args.plot))
+    return out
+
+
+def _report_case(case: Case) -> None:
+    failed = sum(case.failures.values())
+    print(
+        f"  joined {case.joined}/{case.subscribers} in {case.connect_seconds:.1f}s"
+        f" ({failed} failed), {case.bytes_per_connection / 1024:.1f} KB per connection"
+    )
+    for reason, count in case.failures.items():
+        print(f"    {count} x {reason}")
+    for name, phase in (("burst", case.burst), ("rate", case.rate)):
+        if phase is None:
+            continue
+        latency = ""
+        if phase.p50_ms is not None:
+            latency = f", p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms"
+        print(
+            f"  {name}: {phase.published} published, {phase.deliveries_per_s:,} deliveries/s"
+            f"{latency}, lost {phase.lost}, gaps {phase.gaps},"
+            f" CPU: server {phase.server_cpu:.0f}%, generator {phase.generator_cpu:.0f}%,"
+            f" others {phase.others_cpu:.0f}%; {phase.deliveries_per_server_cpu_s:,} deliveries"
+            " per server CPU-second"
+        )
+        _warn_generator(phase.generator_cpu, f"the {name} phase")
+
+
+async def connections(args: argparse.Namespace) -> Path:
+    targets = _targets(args.targets)
+    opts = Options(concurrency=args.concurrency, settle=args.settle)
+    _raise_fd_limit(args.count + 100)
+    out = Path(args.out or RESULTS / f"connections-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    payload: dict[str, Any] = {
+        "mode": "connections",
+        "command": " ".join(["python -m loadtests.fanout", *sys.argv[1:]]),
+        "environment": environment(),
+        "cases": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="fanout-") as tmp:
+        for run, target in itertools.product(range(1, args.runs + 1), targets):
+            print(
+                f"run {run}/{args.runs}: {target.name}, {args.count} idle connections", flush=True
+            )
+            workdir = Path(tmp) / f"{target.name}-{run}"
+            workdir.mkdir()
+            case = await run_connections(target, args.count, run, args.hold, opts, workdir)
+            payload["cases"].append(asdict(case))
+            _write(out, payload)
+            print_connections([asdict(case)])
+    print_connections(payload["cases"])
+    print(f"\nresults written to {out}")
+    return out
+
+
+def _loop_run(coro: Awaitable[Path]) -> Path:
+    async def main() -> Path:
+        # SIGTERM cancels the run, so that `finally` stops the server under test too.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="python -m loadtests.fanout",
+        description="Fan-out and connection benchmarks: Collab against peer servers.",
+    )
+    sub = top.add_subparsers(dest="mode", required=True)
+    every = ",".join(TARGETS)
+
+    c = sub.add_parser("compare", help="N subscribers in one room: throughput, latency, memory")
+    c.add_argument("--targets", default=every, help=f"comma-separated, from {every}")
+    c.add_argument("--subscribers", default="250,500,1000,2000", help="comma-separated sizes")
+    c.add_argument("--runs", type=int, default=3, help="runs of every case (medians reported)")
+    c.add_argument("--window", type=int, default=256, help="unacknowledged publishes at most")
+    c.add_argument(
+        "--max-inflight",
+        type=int,
+        default=131072,
+        help="deliveries published but not yet read by the subscribers, at most",
+    )
+    c.add_argument("--burst-seconds", type=float, default=5.0)
+    c.add_argument("--rate", type=float, default=10.0, help="messages/s in the rate phase")
+    c.add_argument("--rate-seconds", type=float, default=10.0)
+    c.add_argument("--drain-timeout", type=float, default=15.0)
+    c.add_argument("--concurrency", type=int, default=200, help="handshakes in flight")
+    c.add_argument("--settle", type=float, default=2.0, help="seconds before reading RSS")
+    c.add_argument("--out", help="results JSON (default loadtests/results/fanout-<time>.json)")
+    c.add_argument("--plot", help="also write the plot to this PNG")
+
+    k = sub.add_parser("connections", help="many idle joined connections: all must succeed")
+    k.add_argument("--targets", default="collab")
+    k.add_argument("--count", type=int, default=10_000)
+    k.add_argument("--runs", type=int, default=1)
+    k.add_argument("--hold", type=float, default=10.0, help="seconds to hold them idle")
+    k.add_argument("--concurrency", type=int, default=200)
+    k.add_argument("--settle", type=float, default=2.0)
+    k.add_argument("--out")
+
+    r = sub.add_parser("report", help="Markdown tables of results files (medians, ranges)")
+    r.add_argument("results", nargs="+", type=Path)
+
+    p = sub.add_parser("plot", help="plot results files of `compare`")
+    p.add_argument("results", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "fanout.png")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.mode == "report":
+        print(markdown(args.results))
+        return 0
+    if args.mode == "plot":
+        plot(args.results, args.out)
+        return 0
+    out = _loop_run(compare(args) if args.mode == "compare" else connections(args))
+    cases = json.loads(out.read_text())["cases"]
+    return 1 if any(c.get("error") for c in cases) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
