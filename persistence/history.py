@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import UTC, datetime
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from persistence.database import SessionFactory
-from persistence.models import Message, Room, utcnow
-from persistence.repositories import MessageRepository, RoomRepository, UserRepository
+from persistence.models import Message, Room, RoomMember, utcnow
+from persistence.repositories import MessageRepository, UserRepository
 from realtime.storage import HistoryReader, RoomAccess, StoredMessage
 from realtime.types import UserInfo
 
@@ -82,31 +84,59 @@ class DatabaseHistory(HistoryReader):
 
 class DatabaseRoomAccess(RoomAccess):
     """Private rooms admit their members; any other valid name is a public room, recorded on
-    first use so REST listings show it."""
+    first use so REST listings show it.
+
+    A public room stays public (its name is taken, so no private room can be created under
+    it), so that verdict is remembered: a join storm into one room costs one query, not one
+    per connection.
+    """
+
+    MAX_REMEMBERED = 10_000
 
     def __init__(self, sessions: SessionFactory) -> None:
         self.sessions = sessions
+        self._public: OrderedDict[str, None] = OrderedDict()
+
+    def _remember_public(self, room: str) -> bool:
+        self._public[room] = None
+        self._public.move_to_end(room)
+        while len(self._public) > self.MAX_REMEMBERED:
+            self._public.popitem(last=False)
+        return True
 
     async def can_access(self, room: str, user: UserInfo) -> bool:
+        if room in self._public:
+            return True
         async with self.sessions() as session:
-            rooms = RoomRepository(session)
-            found = await rooms.by_name(room)
+            found = (
+                await session.execute(select(Room.id, Room.private).where(Room.name == room))
+            ).first()
             if found is None:
                 session.add(Room(name=room, private=False, created_at=utcnow()))
                 try:
                     await session.commit()
                 except IntegrityError:  # created concurrently: public or private, look again
                     await session.rollback()
-                    found = await rooms.by_name(room)
+                    found = (
+                        await session.execute(
+                            select(Room.id, Room.private).where(Room.name == room)
+                        )
+                    ).first()
                     if found is None:
                         return True
                 else:
-                    return True
-            if not found.private:
-                return True
+                    return self._remember_public(room)
+            room_id, private = found
+            if not private:
+                return self._remember_public(room)
             if not user.id.isdigit():
                 return False
             db_user = await UserRepository(session).get(int(user.id))
             if db_user is not None and db_user.role == "admin":
                 return True
-            return await rooms.is_member(found, int(user.id))
+            member = await session.scalar(
+                select(RoomMember.user_id).where(
+                    RoomMember.room_id == room_id, RoomMember.user_id == int(user.id)
+                )
+            )
+            return member is not None
