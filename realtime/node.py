@@ -131,10 +131,10 @@ class Node:
             conn.conn_id,
             self.node_id,
             conn.user,
-            self.limits.heartbeat,
+            _number(self.limits.heartbeat),
             {
                 "max_body_bytes": self.limits.max_body_bytes,
-                "rate": self.limits.rate,
+                "rate": _number(self.limits.rate),
                 "burst": self.limits.burst,
             },
         )
@@ -511,6 +511,11 @@ class Node:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _number(value: float) -> float | int:
+    """25, not 25.0, on the wire when a setting is whole, as PROTOCOL.md writes it."""
+    return int(value) if float(value).is_integer() else value
 
 
 def presence_entry_ttl(presence_timeout: float) -> float:

@@ -50,7 +50,8 @@ async def test_welcome_then_join_publish_ack_message(server: ServerProcess) -> N
     ann = await Client.connect(server.ws_url, token)
     assert ann.welcome["type"] == "welcome"
     assert ann.welcome["user"] == {"id": user_id, "name": "ann"}
-    assert ann.welcome["limits"]["max_body_bytes"] == 16384
+    assert ann.welcome["limits"] == {"max_body_bytes": 16384, "rate": 1000, "burst": 1000}
+    assert ann.welcome["heartbeat"] == 25 and isinstance(ann.welcome["heartbeat"], int)
     assert isinstance(ann.welcome["session"], str) and ann.welcome["node"]
     room = room_name()
 
