@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
 import httpx
+import pytest
 
 
 async def register(
@@ -27,3 +32,15 @@ async def user_with_token(
 ) -> tuple[dict[str, object], dict[str, str]]:
     user = await register(http, username)
     return user, await login(http, username)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
+) -> float:
+    """Poll `check` until it holds; the seconds it took. Fails the test at the deadline."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout}s")
+        await asyncio.sleep(interval)
+    return time.monotonic() - start

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.services import free_port
+from tests.services import IN_CI, free_port
 
 
 @dataclass
@@ -98,3 +101,62 @@ def server_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[s
     )
     env.update(extra or {})
     return env
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of a test's own on a free port, so the test may stop or kill it; only
+    ever by its PID. `persistent` keeps every write (AOF, fsync always) across a restart."""
+
+    workdir: Path
+    persistent: bool = False
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.persistent
+            else ["--appendonly", "no"]
+        )
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             *persistence, "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(redis.RedisError):
+                client = redis.Redis.from_url(self.url, socket_timeout=1)
+                try:
+                    if client.ping():
+                        return
+                finally:
+                    client.close()
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("could not start a redis-server for the test")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
+
+    stop = kill
+
+
+def require_redis_server() -> None:
+    """Skip (laptop) or fail (CI) when there is no redis-server program to start."""
+    if shutil.which("redis-server") is None:
+        if IN_CI:
+            pytest.fail("redis-server is not installed; CI must provide it")
+        pytest.skip("redis-server is not installed")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,7 +30,8 @@ from realtime.broker import (
 from realtime.broker_memory import MemoryBroker
 from realtime.broker_redis import RedisBroker
 from realtime.types import Position, new_msg_id
-from tests.services import free_port, reachable
+from tests.processes import RedisServer, require_redis_server
+from tests.services import free_port
 
 
 class Recorder:
@@ -496,55 +495,11 @@ async def test_everything_raises_unavailable_when_nothing_listens() -> None:
         await broker.close()
 
 
-@dataclass
-class RedisServer:
-    """A redis-server of this test's own, so it can be stopped; killed only by its PID."""
-
-    port: int
-    workdir: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while not reachable(self.url, self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("could not start a redis-server for the test")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-        self.process = None
-
-
 @pytest.fixture
 def own_redis(redis_url: str, tmp_path: Path) -> Iterator[RedisServer]:
     """Depends on `redis_url` only to skip (or fail in CI) where Redis is not installed."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(free_port(), tmp_path)
+    require_redis_server()
+    server = RedisServer(tmp_path)
     server.start()
     try:
         yield server

@@ -16,11 +16,8 @@ import asyncio
 import base64
 import contextlib
 import json
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ from realtime.protocol import utc_timestamp
 from realtime.storage import SinkUnavailable, StoredMessage
 from realtime.types import UserInfo, new_msg_id
 from tests.conftest import make_settings
+from tests.processes import RedisServer, require_redis_server
 from tests.services import free_port
 from tests.test_celery_worker import CeleryBroker, rabbitmq_broker, redis_broker
 from workers.app import create_celery_app
@@ -273,47 +271,6 @@ async def test_close_sends_what_is_pending(redis_celery_broker: CeleryBroker) ->
         await sink.store(messages(1)[0])
 
 
-@dataclass
-class OwnRedis:
-    """A redis-server of this test's own (AOF, fsync on every write), stopped by its PID."""
-
-    port: int
-    folder: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
-        self.process = subprocess.Popen(
-            [*command, "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        import redis
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError):
-                client = redis.Redis.from_url(self.url, socket_timeout=1)
-                try:
-                    if client.ping():
-                        return
-                finally:
-                    client.close()
-            time.sleep(0.05)
-        pytest.fail("could not start a redis-server for the test")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-
-
 @pytest.mark.redis
 async def test_acked_batches_outlive_a_broker_crash_and_the_sink_reconnects(
     tmp_path: Path,
@@ -321,9 +278,8 @@ async def test_acked_batches_outlive_a_broker_crash_and_the_sink_reconnects(
     """With Redis persisting every write (AOF, `appendfsync always`), what was acknowledged
     before a SIGKILL of the broker is still queued after its restart; meanwhile `store` says
     `unavailable`, and once the broker is back the sink sends again by itself."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = OwnRedis(free_port(), tmp_path)
+    require_redis_server()
+    server = RedisServer(tmp_path, persistent=True)
     server.start()
     broker = CeleryBroker(
         kind="redis",

@@ -39,6 +39,7 @@ from persistence.sink import DatabaseSink
 from realtime.protocol import utc_timestamp
 from realtime.storage import MessageSink, StoredMessage
 from realtime.types import UserInfo, new_msg_id
+from tests.helpers import eventually
 from tests.processes import ServerProcess, server_env
 from tests.services import POSTGRES_URL, RABBITMQ_URL, REDIS_URL, free_port, require
 from tests.wsclient import Client, Frame, guest
@@ -279,17 +280,6 @@ async def stored_rows(database_url: str, rooms: list[str]) -> list[dict[str, Any
     finally:
         await connection.close()
     return [{**dict(r), "body": orjson.loads(r["body"])} for r in records]
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.1
-) -> float:
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout}s")
-        await asyncio.sleep(interval)
-    return time.monotonic() - start
 
 
 async def wait_for_rows(

@@ -28,12 +28,10 @@ import contextlib
 import shutil
 import signal
 import sqlite3
-import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -42,8 +40,10 @@ import httpx
 import pytest
 import redis
 
-from tests.processes import ServerProcess, server_env
-from tests.services import IN_CI, REDIS_URL, free_port, require
+from tests.helpers import eventually
+from tests.processes import RedisServer, ServerProcess, server_env
+from tests.processes import require_redis_server as require_redis_program
+from tests.services import REDIS_URL, require
 from tests.wsclient import Client, Frame, guest, guest_token
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -64,18 +64,6 @@ CLUSTER_REDIS_URL = redis_db_url(14)
 
 def room_name() -> str:
     return f"cl-{RUN}-{uuid.uuid4().hex[:8]}"
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
-) -> float:
-    """Poll `check` until it holds; the seconds it took. Fails the test at the deadline."""
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout}s")
-        await asyncio.sleep(interval)
-    return time.monotonic() - start
 
 
 def start_nodes(
@@ -573,67 +561,9 @@ async def test_reconnect_to_another_node_recovers_exactly_what_was_missed(
 # --- 5. Redis restarted under running nodes -------------------------------------------------------
 
 
-@dataclass
-class RedisServer:
-    """A redis-server of this test's own on a free port; stopped by its PID only."""
-
-    port: int
-    workdir: Path
-    persistent: bool
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        persistence = (
-            ["--appendonly", "yes", "--appendfsync", "always"]
-            if self.persistent
-            else ["--appendonly", "no"]
-        )
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                *persistence,
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(redis.RedisError):
-                client = redis.Redis.from_url(self.url, socket_timeout=1)
-                try:
-                    if client.ping():
-                        return
-                finally:
-                    client.close()
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("could not start a redis-server for the test")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-        self.process = None
-
-
 def require_redis_server() -> None:
     require(CLUSTER_REDIS_URL, 6379, "Redis")
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail("redis-server is not installed; CI must provide it")
-        pytest.skip("redis-server is not installed")
+    require_redis_program()
 
 
 @pytest.fixture(params=["data-lost", "data-kept"])
@@ -641,7 +571,7 @@ def own_redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisS
     require_redis_server()
     workdir = tmp_path / "redis"
     workdir.mkdir()
-    server = RedisServer(free_port(), workdir, persistent=request.param == "data-kept")
+    server = RedisServer(workdir, persistent=request.param == "data-kept")
     server.start()
     try:
         yield server
@@ -843,7 +773,7 @@ async def test_node_started_while_redis_is_down_comes_up_by_itself(
     require_redis_server()
     workdir = tmp_path / "redis"
     workdir.mkdir()
-    own_redis = RedisServer(free_port(), workdir, persistent=False)
+    own_redis = RedisServer(workdir, persistent=False)
     (node,) = start_nodes(tmp_path, sqlite_template, own_redis.url, ["early"])
     try:
         async with httpx.AsyncClient() as http:
