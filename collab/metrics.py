@@ -34,6 +34,11 @@ class NodeCollector(Collector):
             "Connections whose outgoing queue is not empty",
             sum(1 for c in hub.connections.values() if c.backed_up),
         )
+        yield GaugeMetricFamily(
+            "collab_direct_write_connections",
+            "Connections whose frames are written straight to the transport, not via ASGI send",
+            sum(1 for c in hub.connections.values() if c.writes_directly),
+        )
         yield CounterMetricFamily(
             "collab_messages_published", "Messages published through this node", node.published
         )

@@ -1,12 +1,15 @@
 """One WebSocket: a bounded outgoing queue, a writer only when backed up, and a rate limit.
 
 Delivery is the hot path of the whole server (one message to thousands of members), so it
-costs as little as possible when nothing is backed up: `deliver` writes straight into the
-ASGI `send` of the socket without a task, future or copy per member. Only when the socket
-cannot take more (the peer reads slowly and the transport paused writing) does the frame go to
-a queue bounded in bytes, drained by a writer task that exists only while the backlog does.
-A peer that lets the queue overflow is closed with 4408 and recovers when it reconnects; it
-never makes the node buffer without limit and never delays other members.
+costs as little as possible when nothing is backed up. Under uvicorn's websockets-sansio (what
+`collab serve` runs) a member gets the message's prebuilt frame, coalesced with the others of
+the same loop turn and written to its transport once the turn is done (`realtime.transport`);
+under any other ASGI server `deliver` writes into the socket's `send` directly, without a task,
+future or copy per member. Only when the socket cannot take more (the peer reads slowly and
+the transport paused writing) does the frame go to a queue bounded in bytes, drained by a
+writer task that exists only while the backlog does. A peer that lets the queue overflow is
+closed with 4408 and recovers when it reconnects; it never makes the node buffer without limit
+and never delays other members.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from realtime.protocol import CLOSE_REASONS, CloseCode
+from realtime.transport import DirectWriter, Outbox, Outgoing, direct_writer
 from realtime.types import UserInfo
 
 log = logging.getLogger("collab.realtime")
@@ -77,6 +81,9 @@ class Connection:
 
     __slots__ = (
         "_closing",
+        "_direct",
+        "_outbox",
+        "_pending",
         "_queue",
         "_queued_bytes",
         "_send",
@@ -101,14 +108,20 @@ class Connection:
         max_queue_bytes: int,
         rate: float,
         burst: int,
+        outbox: Outbox | None = None,
     ) -> None:
+        """`outbox` enables direct writes (when `send` allows them); call after the accept."""
         self.conn_id = conn_id
         self.user = user
         self._send = send
+        self._outbox = outbox
+        self._direct: DirectWriter | None = direct_writer(send) if outbox is not None else None
+        # Frames of this loop turn, for the outbox's flush (direct writes only).
+        self._pending: list[Outgoing] | None = None
         self.max_queue_bytes = max_queue_bytes
         # Made when the connection first backs up: most never do, and an empty deque costs
         # about 600 bytes, on every one of thousands of connections.
-        self._queue: deque[str] | None = None
+        self._queue: deque[Outgoing] | None = None
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
@@ -130,14 +143,31 @@ class Connection:
     def backed_up(self) -> bool:
         return self._writer is not None
 
-    def deliver(self, text: str) -> None:
+    @property
+    def writes_directly(self) -> bool:
+        """True when frames bypass ASGI `send` (see `realtime.transport`)."""
+        return self._direct is not None
+
+    def reply(self, payload: bytes) -> None:
+        """Send one frame of JSON `payload` to this connection alone (see `deliver`)."""
+        self.deliver(Outgoing(payload))
+
+    def deliver(self, out: Outgoing) -> None:
         """Send a frame now if the socket takes it, else queue it; never blocks the caller."""
         if self._closing:
             return
         if self._writer is not None:
-            self._enqueue(text)
+            self._enqueue(out)
             return
-        sending = self._send({"type": "websocket.send", "text": text})
+        if self._direct is not None:
+            pending = self._pending
+            if pending is None:
+                self._pending = [out]
+                self._outbox.add(self)  # type: ignore[union-attr] # set whenever _direct is
+            else:
+                pending.append(out)
+            return
+        sending = self._send({"type": "websocket.send", "text": out.text})
         if not isinstance(sending, Coroutine):  # a server whose send is not a coroutine
             self._writer = asyncio.get_running_loop().create_task(self._drain(sending, None))
             return
@@ -151,16 +181,50 @@ class Connection:
             return
         self._writer = asyncio.get_running_loop().create_task(self._drain(coro, waiting))
 
-    def _enqueue(self, text: str) -> None:
-        size = len(text)
+    def flush(self) -> None:
+        """Write this loop turn's frames in one go (the outbox calls it once the turn is done)."""
+        pending, self._pending = self._pending, None
+        direct = self._direct
+        if not pending or direct is None or self._closing:
+            return
+        if direct.ready():
+            if len(pending) == 1:
+                direct.transport.write(pending[0].wire)
+            else:
+                direct.transport.write(b"".join([out.wire for out in pending]))
+        elif direct.alive():  # paused: the peer is not reading fast enough
+            for out in pending:
+                self._enqueue(out)
+            if self._queue and not self._closing and self._writer is None:
+                self._writer = asyncio.get_running_loop().create_task(self._drain_direct(direct))
+        # else the peer is gone or closing: the reader sees it and cleans up
+
+    def _enqueue(self, out: Outgoing) -> None:
+        if self._closing:  # overflowed earlier in the same flush: nothing more is sent
+            return
+        size = len(out.payload)
         if self._queued_bytes + size > self.max_queue_bytes:
             log.info("connection %s too slow: outgoing queue over %d bytes", self.conn_id, size)
             self.close_soon(CloseCode.TOO_SLOW)
             return
         if self._queue is None:
             self._queue = deque()
-        self._queue.append(text)
+        self._queue.append(out)
         self._queued_bytes += size
+
+    async def _drain_direct(self, direct: DirectWriter) -> None:
+        """Write the backlog frame by frame whenever the transport is below its high water."""
+        try:
+            while self._queue and not self._closing:
+                await direct.writable.wait()  # uvicorn sets it when the connection is lost too
+                if not direct.alive():
+                    return
+                while self._queue and direct.writable.is_set():
+                    out = self._queue.popleft()
+                    self._queued_bytes -= len(out.payload)
+                    direct.transport.write(out.wire)
+        finally:
+            self._writer = None
 
     async def _drain(self, first: Awaitable[None], waiting: Any) -> None:
         try:
@@ -169,9 +233,9 @@ class Connection:
             else:
                 await first
             while self._queue and not self._closing:
-                text = self._queue.popleft()
-                self._queued_bytes -= len(text)
-                await self._send({"type": "websocket.send", "text": text})
+                out = self._queue.popleft()
+                self._queued_bytes -= len(out.payload)
+                await self._send({"type": "websocket.send", "text": out.text})
         except asyncio.CancelledError:
             raise
         except Exception:  # the peer went away mid-backlog; the reader cleans up
@@ -186,6 +250,7 @@ class Connection:
             return
         self._closing = True
         self.close_code = int(code)
+        self._pending = None
         self._queue = None
         self._queued_bytes = 0
         if self._writer is not None:
@@ -198,8 +263,11 @@ class Connection:
             self.on_close(self)
 
     async def close(self, code: CloseCode | int, reason: str | None = None) -> None:
+        """Close after what this loop turn wrote (an error reply, say), not before it."""
         if self._closing:
             return
+        if self._pending:
+            self.flush()
         self._closing = True
         self.close_code = int(code)
         self._queue = None

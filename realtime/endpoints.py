@@ -1,7 +1,8 @@
 """`/ws/chat` and `/ws/live` as plain ASGI apps: they move frames between a socket and the node.
 
 Plain ASGI rather than Starlette's `WebSocket` wrapper: delivery writes into the server's
-`send` directly (see `connection.py`), and the reader needs nothing the wrapper adds.
+`send` or its transport directly (see `connection.py` and `transport.py`), and the reader
+needs nothing the wrapper adds.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ class WebSocketEndpoint:
             max_queue_bytes=limits.outgoing_queue_bytes,
             rate=limits.rate,
             burst=limits.burst,
+            outbox=node.outbox,
         )
-        conn.deliver(node.connect(conn).decode())
+        conn.reply(node.connect(conn))
         try:
             await self._serve(node, conn, receive)
         finally:
@@ -133,12 +135,12 @@ class WebSocketEndpoint:
                     await conn.close(p.CloseCode.POLICY_VIOLATION)
                     return
                 command_id = _peek_id(data)
-                conn.deliver(
+                conn.reply(
                     p.error(
                         command_id,
                         p.ErrorCode.RATE_LIMITED,
                         f"over {limits.rate:g} commands/s (burst {limits.burst}); slow down",
-                    ).decode()
+                    )
                 )
                 continue
             conn.flood_strikes = 0
@@ -160,7 +162,7 @@ class WebSocketEndpoint:
             log.exception("command failed on connection %s", conn.conn_id)
             reply = p.error(command_id, p.ErrorCode.INTERNAL, "internal error, not done")
         if reply:
-            conn.deliver(reply.decode())
+            conn.reply(reply)
 
 
 _CODES = {int(code) for code in p.CloseCode}

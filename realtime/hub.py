@@ -2,8 +2,8 @@
 
 The hub knows nothing of commands or storage. It keeps, per channel (`room:<name>` or
 `feed:<name>`), the local members and the last offset this node delivered, and turns each
-publication into one decoded text frame handed to every member: one decode per message per
-node, no task or copy per member.
+publication into one frame handed to every member: one framing per message per node, no
+task or copy per member.
 
 Ordering and gaps: the broker delivers one channel's publications in offset order. When the
 hub sees an offset jump (a lost pub/sub message) or the broker reports a reconnect, it pauses
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from realtime.broker import Broker, BrokerUnavailable, Publication
 from realtime.connection import Connection
 from realtime.protocol import CloseCode
+from realtime.transport import Outgoing
 from realtime.types import Position
 
 log = logging.getLogger("collab.realtime")
@@ -36,7 +37,7 @@ class Member:
     # Deliver only offsets above this one: the position the member's `joined` reply named.
     floor: int = 0
     # Until the member's joined/subscribed reply is sent, deliveries wait here.
-    pending: list[tuple[int, str]] | None = field(default_factory=list)
+    pending: list[tuple[int, Outgoing]] | None = field(default_factory=list)
     presence_events: bool = True
 
 
@@ -147,9 +148,9 @@ class Hub:
         # "seen", or hide a real gap from recovery). The member's floor filters them for it.
         member.floor = floor.offset
         waiting, member.pending = member.pending or [], None
-        for offset, text in waiting:
+        for offset, out in waiting:
             if offset > member.floor:
-                conn.deliver(text)
+                conn.deliver(out)
 
     def remove_member(self, name: str, conn: Connection) -> bool:
         """Forget a membership; unsubscribe the node when it was the last. False if not a member."""
@@ -192,22 +193,22 @@ class Hub:
         self._deliver(channel, publication)
 
     def _hold_for_joiners(self, channel: Channel, publication: Publication) -> None:
-        text: str | None = None
+        out: Outgoing | None = None
         for member in channel.members.values():
             if member.pending is not None:
-                text = text or publication.frame.decode()
-                member.pending.append((publication.offset, text))
+                out = out or Outgoing(publication.frame)
+                member.pending.append((publication.offset, out))
 
     def _deliver(self, channel: Channel, publication: Publication) -> None:
         channel.epoch, channel.offset = publication.epoch, publication.offset
-        text = publication.frame.decode()
+        out = Outgoing(publication.frame)  # framed once, however many members get it
         offset = publication.offset
         count = 0
         for member in channel.members.values():
             if member.pending is not None:
-                member.pending.append((offset, text))
+                member.pending.append((offset, out))
             elif offset > member.floor:
-                member.conn.deliver(text)
+                member.conn.deliver(out)
                 count += 1
         self.deliveries += count
 
@@ -215,7 +216,7 @@ class Hub:
         channel = self.channels.get(channel_name)
         if channel is None:
             return
-        text = frame.decode()
+        out = Outgoing(frame)
         is_presence = frame.startswith(_PRESENCE_DIFF_PREFIX)
         for member in channel.members.values():
             if member.pending is not None:
@@ -224,7 +225,7 @@ class Hub:
                 continue
             if exclude_user is not None and member.conn.user.id == exclude_user:
                 continue
-            member.conn.deliver(text)
+            member.conn.deliver(out)
 
     def on_resubscribed(self, channels: list[str]) -> None:
         for name in channels:

@@ -23,6 +23,7 @@ from realtime.connection import Connection
 from realtime.hub import Hub
 from realtime.presence import Member, Presence, PresenceUnavailable
 from realtime.storage import HistoryReader, MessageSink, RoomAccess, SinkUnavailable, StoredMessage
+from realtime.transport import Outbox
 from realtime.types import Position, UserInfo, new_msg_id
 
 log = logging.getLogger("collab.realtime")
@@ -74,6 +75,8 @@ class Node:
         self.limits = limits or NodeLimits()
         self.snapshots = snapshots or {}
         self.hub = Hub(broker)
+        # Coalesces each loop turn's direct writes per connection (`realtime.transport`).
+        self.outbox = Outbox()
         self._diffs: dict[str, dict[str, tuple[UserInfo, bool]]] = {}
         self._diff_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -193,7 +196,7 @@ class Node:
                 await self._presence_leave(room, conn)
             raise
         # The reply goes out before anything that arrived meanwhile (`activate` releases it).
-        conn.deliver(reply.decode())
+        conn.reply(reply)
         self.hub.activate(channel, conn, position)
         return b""
 
@@ -300,19 +303,15 @@ class Node:
         try:
             await self.sink.store(message)
         except SinkUnavailable as exc:
-            conn.deliver(
-                p.error(
-                    command.id, p.ErrorCode.UNAVAILABLE, f"message not stored, retry: {exc}"
-                ).decode()
+            conn.reply(
+                p.error(command.id, p.ErrorCode.UNAVAILABLE, f"message not stored, retry: {exc}")
             )
             return
         except Exception:
             log.exception("storing message %s failed", message.msg_id)
-            conn.deliver(
-                p.error(command.id, p.ErrorCode.INTERNAL, "message not stored, retry").decode()
-            )
+            conn.reply(p.error(command.id, p.ErrorCode.INTERNAL, "message not stored, retry"))
             return
-        conn.deliver(p.ack(command.id, message.room, message.offset, message.msg_id).decode())
+        conn.reply(p.ack(command.id, message.room, message.offset, message.msg_id))
 
     async def typing(self, conn: Connection, command: p.Typing) -> bytes | None:
         channel = ROOM + command.room
@@ -365,7 +364,7 @@ class Node:
         )
         if already:
             return reply
-        conn.deliver(reply.decode())
+        conn.reply(reply)
         self.hub.activate(channel, conn, position)
         return b""
 

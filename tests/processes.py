@@ -18,15 +18,34 @@ import pytest
 
 from tests.services import IN_CI, free_port
 
+# The app under uvicorn's wsproto protocol: an ASGI server where frames go through `send`.
+UVICORN_WSPROTO = [
+    "-m",
+    "uvicorn",
+    "--factory",
+    "collab.app:create_app_from_env",
+    "--host",
+    "127.0.0.1",
+    "--port",
+    "{port}",
+    "--ws",
+    "wsproto",
+]
+
 
 @dataclass
 class ServerProcess:
-    """One `collab serve` process: a hub node with its own port."""
+    """One `collab serve` process: a hub node with its own port.
+
+    `command` replaces `collab serve --port <port>` (its `{port}` is filled in), for a test of
+    the app under another server.
+    """
 
     env: dict[str, str]
     log_path: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    command: list[str] | None = None
 
     @property
     def url(self) -> str:
@@ -38,8 +57,9 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
         log = self.log_path.open("ab")
+        command = self.command or ["-m", "collab", "serve", "--port", "{port}"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "collab", "serve", "--port", str(self.port)],
+            [sys.executable, *(part.format(port=self.port) for part in command)],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

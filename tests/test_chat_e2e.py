@@ -17,7 +17,7 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.processes import ServerProcess, server_env
+from tests.processes import UVICORN_WSPROTO, ServerProcess, server_env
 from tests.wsclient import Client, guest, guest_token
 
 pytestmark = pytest.mark.slow
@@ -40,9 +40,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         node.stop()
 
 
-def start(tmp_path: Path, **settings: str) -> ServerProcess:
+def start(tmp_path: Path, command: list[str] | None = None, **settings: str) -> ServerProcess:
     env = {f"COLLAB_{k.upper()}": v for k, v in settings.items()}
-    return ServerProcess(server_env(tmp_path, env), tmp_path / "server.log").start()
+    return ServerProcess(
+        server_env(tmp_path, env), tmp_path / "server.log", command=command
+    ).start()
 
 
 async def test_welcome_then_join_publish_ack_message(server: ServerProcess) -> None:
@@ -382,9 +384,14 @@ async def test_limits_rate_user_connections(tmp_path: Path) -> None:
         node.stop()
 
 
-async def test_slow_consumer_is_closed_4408_and_others_keep_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [None, UVICORN_WSPROTO], ids=["serve", "asgi-send"])
+async def test_slow_consumer_is_closed_4408_and_others_keep_up(
+    tmp_path: Path, command: list[str] | None
+) -> None:
+    """Under `collab serve` (direct writes) and another server (ASGI send) alike."""
     node = start(
         tmp_path,
+        command,
         outgoing_queue_bytes="65536",
         rate_limit="100000",
         rate_burst="100000",
