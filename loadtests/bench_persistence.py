@@ -45,9 +45,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy.engine import make_url
+
+from workers.isolated import IsolatedBroker
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(
@@ -99,51 +100,6 @@ async def _pg(url: str, *statements: str) -> Any:
         return result
     finally:
         await connection.close()
-
-
-class Broker:
-    def __init__(self, kind: str) -> None:
-        tag = uuid.uuid4().hex[:10]
-        self.kind = kind
-        self.queue = f"collab.bench.{tag}"
-        self.options: dict[str, Any] = {}
-        if kind == "redis":
-            parts = urlsplit(REDIS_URL)
-            self.url = urlunsplit((parts.scheme, parts.netloc, f"/{BENCH_REDIS_DB}", "", ""))
-            self.options = {"global_keyprefix": f"collab-bench-{tag}:"}
-        else:
-            self.url = RABBITMQ_URL
-
-    def env(self) -> dict[str, str]:
-        import json
-
-        return {
-            "COLLAB_CELERY_BROKER_URL": self.url,
-            "COLLAB_CELERY_QUEUE": self.queue,
-            "COLLAB_CELERY_BROKER_TRANSPORT_OPTIONS": json.dumps(self.options),
-        }
-
-    def cleanup(self) -> None:
-        if self.kind == "redis":
-            import redis
-
-            client = redis.Redis.from_url(self.url)
-            try:
-                keys = list(client.scan_iter(match=f"{self.options['global_keyprefix']}*"))
-                if keys:
-                    client.delete(*keys)
-            finally:
-                client.close()
-            return
-        from kombu import connection as kombu_connection
-
-        kombu: Any = kombu_connection
-        with kombu.Connection(self.url, connect_timeout=5) as connection:
-            channel = connection.default_channel
-            with contextlib.suppress(Exception):
-                channel.queue_delete(self.queue)
-            with contextlib.suppress(Exception):
-                channel.exchange_delete(self.queue)
 
 
 class Worker:
@@ -231,7 +187,12 @@ def lag_quantile(before: dict[str, float], after: dict[str, float], q: float) ->
 
 
 async def one_run(
-    mode: str, run: int, count: int, args: argparse.Namespace, broker: Broker, worker: Worker
+    mode: str,
+    run: int,
+    count: int,
+    args: argparse.Namespace,
+    broker: IsolatedBroker,
+    worker: Worker,
 ) -> Result:
     from collab.settings import Settings
     from persistence.celery_sink import CeleryMessageSink
@@ -346,7 +307,11 @@ async def main_async(args: argparse.Namespace) -> int:
     args.database_url = (
         make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     )
-    broker = Broker(args.broker)
+    broker = (
+        IsolatedBroker.on_redis(REDIS_URL, BENCH_REDIS_DB, "collab.bench")
+        if args.broker == "redis"
+        else IsolatedBroker.on_rabbitmq(RABBITMQ_URL, "collab.bench")
+    )
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-persistence-") as tmp:
         log_path = Path(tmp) / "worker.log"

@@ -15,6 +15,8 @@ from collab.settings import Settings
 from persistence import migrate
 from tests.services import MYSQL_URL, POSTGRES_URL, REDIS_URL, require
 
+pytest_plugins = ["tests.celery_brokers"]
+
 
 @pytest.fixture
 async def redis_url() -> AsyncIterator[str]:

@@ -17,7 +17,7 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ from realtime.types import UserInfo, new_msg_id
 from tests.conftest import make_settings
 from tests.processes import RedisServer, require_redis_server
 from tests.services import free_port
-from tests.test_celery_worker import CeleryBroker, rabbitmq_broker, redis_broker
 from workers.app import create_celery_app
+from workers.isolated import IsolatedBroker
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def messages(count: int, room: str = "sink-room") -> list[StoredMessage]:
     ]
 
 
-def make_sink(broker: CeleryBroker, **kwargs: Any) -> CeleryMessageSink:
+def make_sink(broker: IsolatedBroker, **kwargs: Any) -> CeleryMessageSink:
     settings = make_settings(
         "sqlite+aiosqlite:///unused.db",
         celery_broker_url=broker.url,
@@ -73,25 +73,7 @@ async def running(sink: CeleryMessageSink) -> AsyncIterator[CeleryMessageSink]:
         await sink.close()
 
 
-@pytest.fixture
-def redis_celery_broker() -> Iterator[CeleryBroker]:
-    broker = redis_broker()
-    try:
-        yield broker
-    finally:
-        broker.cleanup()
-
-
-@pytest.fixture
-def rabbitmq_celery_broker() -> Iterator[CeleryBroker]:
-    broker = rabbitmq_broker()
-    try:
-        yield broker
-    finally:
-        broker.cleanup()
-
-
-def queued_in_redis(broker: CeleryBroker) -> list[dict[str, Any]]:
+def queued_in_redis(broker: IsolatedBroker) -> list[dict[str, Any]]:
     """The task messages waiting in the broker's list, oldest first."""
     import redis
 
@@ -115,7 +97,7 @@ def task_messages(envelope: dict[str, Any]) -> list[StoredMessage]:
 
 
 @pytest.mark.redis
-async def test_one_json_task_per_batch(redis_celery_broker: CeleryBroker) -> None:
+async def test_one_json_task_per_batch(redis_celery_broker: IsolatedBroker) -> None:
     sent = messages(250)
     async with running(make_sink(redis_celery_broker, max_batch=100, max_delay=0.05)) as sink:
         await asyncio.gather(*(sink.store(m) for m in sent))
@@ -128,7 +110,7 @@ async def test_one_json_task_per_batch(redis_celery_broker: CeleryBroker) -> Non
 
 
 @pytest.mark.redis
-async def test_a_batch_closes_after_its_delay(redis_celery_broker: CeleryBroker) -> None:
+async def test_a_batch_closes_after_its_delay(redis_celery_broker: IsolatedBroker) -> None:
     async with running(make_sink(redis_celery_broker, max_batch=500, max_delay=0.05)) as sink:
         started = time.monotonic()
         await asyncio.gather(*(sink.store(m) for m in messages(7)))
@@ -139,7 +121,7 @@ async def test_a_batch_closes_after_its_delay(redis_celery_broker: CeleryBroker)
 
 @pytest.mark.rabbitmq
 async def test_rabbitmq_acknowledged_batches_are_in_a_durable_queue(
-    rabbitmq_celery_broker: CeleryBroker,
+    rabbitmq_celery_broker: IsolatedBroker,
 ) -> None:
     from amqp.exceptions import PreconditionFailed
     from kombu import Connection
@@ -203,7 +185,7 @@ async def loop_stall_while(work: Callable[[], Awaitable[None]]) -> float:
 async def test_a_refusing_broker_means_unavailable(kind: str) -> None:
     port = free_port()  # nothing listens there
     url = f"redis://127.0.0.1:{port}/0" if kind == "redis" else f"amqp://127.0.0.1:{port}//"
-    broker = CeleryBroker(kind=kind, url=url, queue="collab.unreachable")
+    broker = IsolatedBroker(kind=kind, url=url, queue="collab.unreachable")
     sink = make_sink(broker, max_batch=10, max_delay=0.01, send_timeout=3.0)
 
     async def work() -> None:
@@ -231,7 +213,7 @@ async def test_a_silent_broker_times_out_without_blocking_the_loop() -> None:
 
     server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    broker = CeleryBroker(
+    broker = IsolatedBroker(
         kind="redis",
         url=f"redis://127.0.0.1:{port}/0",
         queue="collab.silent",
@@ -258,7 +240,7 @@ async def test_a_silent_broker_times_out_without_blocking_the_loop() -> None:
 
 
 @pytest.mark.redis
-async def test_close_sends_what_is_pending(redis_celery_broker: CeleryBroker) -> None:
+async def test_close_sends_what_is_pending(redis_celery_broker: IsolatedBroker) -> None:
     sink = make_sink(redis_celery_broker, max_batch=500, max_delay=30.0)
     await sink.start()
     pending = [asyncio.create_task(sink.store(m)) for m in messages(10)]
@@ -281,7 +263,7 @@ async def test_acked_batches_outlive_a_broker_crash_and_the_sink_reconnects(
     require_redis_server()
     server = RedisServer(tmp_path, persistent=True)
     server.start()
-    broker = CeleryBroker(
+    broker = IsolatedBroker(
         kind="redis",
         url=server.url,
         queue="collab.crash",

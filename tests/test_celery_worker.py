@@ -7,10 +7,8 @@ epoch, sender and body it was acknowledged with, and history reads it back; kill
 worker with SIGKILL mid-burst, or the database refusing connections for a while, loses
 nothing acknowledged and duplicates nothing.
 
-Isolation: each test has a queue of its own; on Redis, in database 13 (not the 15 that other
-tests flush, nor the 14 of the cluster tests) under a key prefix of its own; on RabbitMQ, in
-the default vhost, its queue and exchange deleted at the end. Worker processes are started in
-their own process group and killed by that group only.
+Isolation: each test has a queue of its own (`tests/celery_brokers.py`). Worker processes are
+started in their own process group and killed by that group only.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -39,103 +36,14 @@ from persistence.sink import DatabaseSink
 from realtime.protocol import utc_timestamp
 from realtime.storage import MessageSink, StoredMessage
 from realtime.types import UserInfo, new_msg_id
+from tests.celery_brokers import VISIBILITY_TIMEOUT
 from tests.helpers import eventually
 from tests.processes import ServerProcess, server_env
-from tests.services import POSTGRES_URL, RABBITMQ_URL, REDIS_URL, free_port, require
+from tests.services import POSTGRES_URL, free_port
 from tests.wsclient import Client, Frame, guest
+from workers.isolated import IsolatedBroker
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-
-CELERY_REDIS_DB = 13
-VISIBILITY_TIMEOUT = 5  # seconds before Redis hands a dead worker's batches to another
-
-
-# --- brokers ---------------------------------------------------------------------------------
-
-
-@dataclass
-class CeleryBroker:
-    """One test's Celery broker: URL, queue, transport options, and how to clean up."""
-
-    kind: str
-    url: str
-    queue: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def env(self) -> dict[str, str]:
-        return {
-            "COLLAB_CELERY_BROKER_URL": self.url,
-            "COLLAB_CELERY_QUEUE": self.queue,
-            "COLLAB_CELERY_BROKER_TRANSPORT_OPTIONS": orjson.dumps(self.options).decode(),
-        }
-
-    def cleanup(self) -> None:
-        if self.kind == "redis":
-            import redis
-
-            client = redis.Redis.from_url(self.url)
-            try:
-                keys = list(client.scan_iter(match=f"{self.options['global_keyprefix']}*"))
-                if keys:
-                    client.delete(*keys)
-            finally:
-                client.close()
-            return
-        from kombu import Connection
-
-        with Connection(self.url, connect_timeout=5) as connection:
-            channel = connection.default_channel
-            with contextlib.suppress(Exception):
-                channel.queue_delete(self.queue)
-            with contextlib.suppress(Exception):
-                channel.exchange_delete(self.queue)
-
-
-def redis_broker() -> CeleryBroker:
-    require(REDIS_URL, 6379, "Redis")
-    parts = urlsplit(REDIS_URL)
-    tag = uuid.uuid4().hex[:10]
-    return CeleryBroker(
-        kind="redis",
-        url=urlunsplit((parts.scheme, parts.netloc, f"/{CELERY_REDIS_DB}", "", "")),
-        queue=f"collab.test.{tag}",
-        options={
-            "global_keyprefix": f"collab-test-{tag}:",
-            "visibility_timeout": VISIBILITY_TIMEOUT,
-            "unacked_restore_interval": 1,
-        },
-    )
-
-
-def rabbitmq_broker() -> CeleryBroker:
-    require(RABBITMQ_URL, 5672, "RabbitMQ")
-    return CeleryBroker(kind="amqp", url=RABBITMQ_URL, queue=f"collab.test.{uuid.uuid4().hex[:10]}")
-
-
-BROKERS = [
-    pytest.param("redis", marks=pytest.mark.redis),
-    pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
-]
-
-
-@pytest.fixture(params=BROKERS)
-def celery_broker(request: pytest.FixtureRequest) -> Iterator[CeleryBroker]:
-    """Each test that uses it runs twice: with Redis and with RabbitMQ as the Celery broker."""
-    broker = redis_broker() if request.param == "redis" else rabbitmq_broker()
-    try:
-        yield broker
-    finally:
-        broker.cleanup()
-
-
-@pytest.fixture
-def redis_celery_broker() -> Iterator[CeleryBroker]:
-    broker = redis_broker()
-    try:
-        yield broker
-    finally:
-        broker.cleanup()
-
 
 # --- processes -------------------------------------------------------------------------------
 
@@ -201,7 +109,7 @@ class Deployment:
 
     folder: Path
     database_url: str
-    broker: CeleryBroker
+    broker: IsolatedBroker
     server_extra: dict[str, str] = field(default_factory=dict)
     worker_extra: dict[str, str] = field(default_factory=dict)
     workers: list[WorkerProcess] = field(default_factory=list)
@@ -251,7 +159,7 @@ class Deployment:
 
 @pytest.fixture
 def deployment(
-    tmp_path: Path, postgres_database: str, celery_broker: CeleryBroker
+    tmp_path: Path, postgres_database: str, celery_broker: IsolatedBroker
 ) -> Iterator[Deployment]:
     found = Deployment(tmp_path, postgres_database, celery_broker)
     try:
@@ -516,7 +424,7 @@ async def _positive(count: Awaitable[int]) -> bool:
 
 @pytest.mark.redis
 async def test_database_refusing_connections_delays_but_loses_nothing(
-    tmp_path: Path, postgres_database: str, redis_celery_broker: CeleryBroker
+    tmp_path: Path, postgres_database: str, redis_celery_broker: IsolatedBroker
 ) -> None:
     deployment = Deployment(tmp_path, postgres_database, redis_celery_broker)
     try:
@@ -583,7 +491,7 @@ async def test_both_sinks_store_the_same_batches_once(
     overrides: dict[str, object] = {"persist_batch_size": 40, "persist_batch_delay": 0.01}
     deployment: Deployment | None = None
     if kind == "celery":
-        broker: CeleryBroker = request.getfixturevalue("redis_celery_broker")
+        broker: IsolatedBroker = request.getfixturevalue("redis_celery_broker")
         deployment = Deployment(tmp_path, postgres_database, broker)
         deployment.start_worker()
         overrides.update(
