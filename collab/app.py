@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from api import ROUTERS, ApiConfig, ApiContext
 from collab.metrics import NodeCollector
@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await node.close()
             await engine.dispose()
 
-    app = FastAPI(
+    app = CollabApp(
         title="Collab",
         version="0.1.0",
         description="Real-time collaboration server: WebSocket rooms and feeds, and this REST API.",
@@ -105,13 +105,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     authenticate = token_authenticator(settings.secret)
     kinds: tuple[Endpoint, ...] = ("chat", "live")
-    app.add_middleware(
-        WebSocketShortcut,
-        endpoints={
-            f"/ws/{kind}": WebSocketEndpoint(kind, node, authenticate, settings.allowed_origins)
-            for kind in kinds
-        },
-    )
+    app.websocket_endpoints = {
+        f"/ws/{kind}": WebSocketEndpoint(kind, node, authenticate, settings.allowed_origins)
+        for kind in kinds
+    }
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(_request: Request) -> Response:
@@ -130,25 +127,26 @@ def _page(name: str) -> Callable[[], Awaitable[FileResponse]]:
     return page
 
 
-class WebSocketShortcut:
-    """Hands `/ws/chat` and `/ws/live` straight to their endpoints.
+class CollabApp(FastAPI):
+    """FastAPI, with `/ws/chat` and `/ws/live` handed straight to their endpoints.
 
-    Added as the outermost middleware of the app, so a socket skips the exception middleware
-    and the router: each of those keeps a coroutine frame for the socket's whole life and
-    wraps every send. Measured: about 5 KB less per idle connection, and a cheaper delivery.
+    A socket lives for hours, and every layer it passes through keeps a coroutine frame for
+    that long: FastAPI's and Starlette's `__call__`, the server-error, telemetry and body-limit
+    middleware, the exception middleware and the router. Checked before all of them, the two
+    WebSocket paths skip every one (measured at 10,000 connections: 1.6 KB less per idle
+    connection than a middleware inside FastAPI's stack, which itself saved about 5 KB over
+    the router, and faster connects); everything else goes through FastAPI as usual.
     """
 
-    def __init__(self, app: ASGIApp, endpoints: dict[str, WebSocketEndpoint]) -> None:
-        self.app = app
-        self.endpoints = endpoints
+    websocket_endpoints: dict[str, WebSocketEndpoint]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            endpoint = self.endpoints.get(scope["path"])
+            endpoint = self.websocket_endpoints.get(scope["path"])
             if endpoint is not None:
                 await endpoint(scope, receive, send)  # type: ignore[arg-type]
                 return
-        await self.app(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 def create_app_from_env() -> FastAPI:

@@ -27,6 +27,10 @@ class _Entry:
 class _Room:
     entries: dict[str, _Entry]
     counts: dict[str, int]  # user id -> connections in this room
+    # user id -> the user as their first connection here named them. Kept alongside the
+    # entries so that `members` (part of every join's reply) costs one step per user, not
+    # one per connection: a join storm into one room would otherwise be quadratic.
+    users: dict[str, UserInfo]
 
 
 class MemoryPresence(Presence):
@@ -42,7 +46,7 @@ class MemoryPresence(Presence):
         self._rooms.clear()
 
     async def add(self, room: str, conn_id: str, user: UserInfo, node_id: str) -> bool:
-        state = self._rooms.setdefault(room, _Room({}, {}))
+        state = self._rooms.setdefault(room, _Room({}, {}, {}))
         entry = state.entries.get(conn_id)
         if entry is not None and entry.user.id == user.id:
             entry.user, entry.node_id, entry.seen = user, node_id, self._clock()
@@ -53,6 +57,7 @@ class MemoryPresence(Presence):
         state.entries[conn_id] = _Entry(user, node_id, self._clock())
         count = state.counts.get(user.id, 0) + 1
         state.counts[user.id] = count
+        state.users.setdefault(user.id, user)
         return count == 1
 
     async def remove(self, room: str, conn_id: str) -> UserInfo | None:
@@ -68,12 +73,9 @@ class MemoryPresence(Presence):
         state = self._rooms.get(room)
         if state is None:
             return []
-        users: dict[str, UserInfo] = {}
-        for entry in state.entries.values():
-            users.setdefault(entry.user.id, entry.user)
         return [
-            Member(user=users[user_id], connections=state.counts[user_id])
-            for user_id in sorted(users)
+            Member(user=state.users[user_id], connections=count)
+            for user_id, count in sorted(state.counts.items())
         ]
 
     async def refresh(self, entries: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -111,4 +113,5 @@ class MemoryPresence(Presence):
             state.counts[entry.user.id] = count
             return None
         del state.counts[entry.user.id]
+        del state.users[entry.user.id]
         return entry.user
