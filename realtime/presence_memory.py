@@ -27,7 +27,7 @@ class _Entry:
 class _Room:
     entries: dict[str, _Entry]
     counts: dict[str, int]  # user id -> connections in this room
-    # user id -> the user as their first connection here named them. Kept alongside the
+    # user id -> the user as their latest connection here named them. Kept alongside the
     # entries so that `members` (part of every join's reply) costs one step per user, not
     # one per connection: a join storm into one room would otherwise be quadratic.
     users: dict[str, UserInfo]
@@ -50,6 +50,7 @@ class MemoryPresence(Presence):
         entry = state.entries.get(conn_id)
         if entry is not None and entry.user.id == user.id:
             entry.user, entry.node_id, entry.seen = user, node_id, self._clock()
+            state.users[user.id] = user
             return False
         if entry is not None:
             # A connection id reused for another user: the old user's connection is gone.
@@ -57,7 +58,7 @@ class MemoryPresence(Presence):
         state.entries[conn_id] = _Entry(user, node_id, self._clock())
         count = state.counts.get(user.id, 0) + 1
         state.counts[user.id] = count
-        state.users.setdefault(user.id, user)
+        state.users[user.id] = user
         return count == 1
 
     async def remove(self, room: str, conn_id: str) -> UserInfo | None:

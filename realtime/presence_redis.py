@@ -5,6 +5,8 @@ Keys per room (one hash tag, so each script touches one Redis Cluster slot):
 - `collab:presence:{<room>}:conns`: hash conn_id -> `["<user id>", "<user name>", "<node>"]`
 - `collab:presence:{<room>}:seen`: zset conn_id -> last seen, in milliseconds of Redis `TIME`
 - `collab:presence:{<room>}:users`: hash user id -> that user's connections in the room
+- `collab:presence:{<room>}:names`: hash user id -> the name their latest connection gave, so
+  that `members` (part of every join's reply) reads one field per user, not per connection
 
 and `collab:presence:rooms`, the set of rooms that may hold entries, which is how `expire`
 finds them. No key has a TTL: entries leave through `remove` or `expire`.
@@ -59,12 +61,14 @@ if prev then
   if prev_user ~= ARGV[3] then
     if redis.call('HINCRBY', KEYS[3], prev_user, -1) <= 0 then
       redis.call('HDEL', KEYS[3], prev_user)
+      redis.call('HDEL', KEYS[4], prev_user)
     end
     prev = false
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
 if not prev and redis.call('HINCRBY', KEYS[3], ARGV[3], 1) == 1 then
   return 1
 end
@@ -81,6 +85,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 local user = cjson.decode(prev)[1]
 if redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
   redis.call('HDEL', KEYS[3], user)
+  redis.call('HDEL', KEYS[4], user)
   return prev
 end
 return false
@@ -118,6 +123,7 @@ for _, conn in ipairs(stale) do
     local user = cjson.decode(prev)[1]
     if redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
       redis.call('HDEL', KEYS[3], user)
+      redis.call('HDEL', KEYS[4], user)
       table.insert(left, prev)
     end
   end
@@ -137,7 +143,7 @@ def _unavailable() -> Iterator[None]:
 
 def _keys(room: str) -> list[str]:
     base = f"{_PREFIX}{{{room}}}:"
-    return [base + "conns", base + "seen", base + "users"]
+    return [base + "conns", base + "seen", base + "users", base + "names"]
 
 
 def _user(entry: bytes) -> UserInfo:
@@ -176,7 +182,9 @@ class RedisPresence(Presence):
         with _unavailable():
             async with self._client.pipeline(transaction=False) as pipe:
                 # The room joins the set after the entry exists; `expire` relies on this order.
-                await self._add(keys=_keys(room), args=[conn_id, entry, user.id], client=pipe)
+                await self._add(
+                    keys=_keys(room), args=[conn_id, entry, user.id, user.name], client=pipe
+                )
                 pipe.sadd(_ROOMS_KEY, room)
                 first, _ = await pipe.execute()
         return bool(first)
@@ -187,15 +195,26 @@ class RedisPresence(Presence):
         return _user(entry) if entry else None
 
     async def members(self, room: str) -> list[Member]:
+        conns_key, _, users_key, names_key = _keys(room)
         with _unavailable():
-            entries = cast(dict[bytes, bytes], await self._client.hgetall(_keys(room)[0]))
-        users: dict[str, UserInfo] = {}
-        counts: dict[str, int] = {}
-        for entry in entries.values():
-            user = _user(entry)
-            users.setdefault(user.id, user)
-            counts[user.id] = counts.get(user.id, 0) + 1
-        return [Member(user=users[uid], connections=counts[uid]) for uid in sorted(users)]
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(users_key)
+                pipe.hgetall(names_key)
+                raw_counts, raw_names = await pipe.execute()
+            names = {k.decode(): v.decode() for k, v in raw_names.items()}
+            counts = {k.decode(): int(v) for k, v in raw_counts.items()}
+            if any(user_id not in names for user_id in counts):
+                # Entries added before names were kept (a node of an older version): read
+                # the names from the connections, once.
+                entries = cast(dict[bytes, bytes], await self._client.hgetall(conns_key))
+                for entry in entries.values():
+                    user = _user(entry)
+                    names.setdefault(user.id, user.name)
+        return [
+            Member(user=UserInfo(id=user_id, name=names.get(user_id, "")), connections=count)
+            for user_id, count in sorted(counts.items())
+            if count > 0
+        ]
 
     async def refresh(self, entries: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         by_room: dict[str, list[str]] = {}

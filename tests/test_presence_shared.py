@@ -125,6 +125,21 @@ async def test_members_are_per_room_and_ordered_by_user_id(backend: Backend) -> 
     }
 
 
+async def test_a_member_is_named_by_their_latest_connection(backend: Backend) -> None:
+    presence = await backend.presence()
+    r = room()
+    renamed = UserInfo(ANN.id, "ann (renamed)")
+    await presence.add(r, "a1", ANN, "n1")
+    await presence.add(r, "a2", renamed, "n1")
+    assert await presence.members(r) == [Member(renamed, 2)]
+    # A connection id taken over by another user moves the count, and the name with it.
+    await presence.add(r, "a2", BOB, "n1")
+    assert await presence.members(r) == [Member(renamed, 1), Member(BOB, 1)]
+    await presence.remove(r, "a1")
+    await presence.add(r, "a3", ANN, "n1")
+    assert await presence.members(r) == [Member(ANN, 1), Member(BOB, 1)]
+
+
 async def test_each_transition_is_seen_once_across_nodes(backend: Backend) -> None:
     nodes = await backend.nodes(2)
     r = room()
@@ -218,4 +233,23 @@ async def test_redis_presence_raises_unavailable_when_nothing_listens() -> None:
         with pytest.raises(PresenceUnavailable):
             await presence.expire()
     finally:
+        await presence.close()
+
+
+@pytest.mark.redis
+async def test_redis_members_named_from_connections_kept_by_an_older_node(redis_url: str) -> None:
+    """Rooms whose entries an older version added have no names hash: a rolling upgrade
+    must not show its users without names."""
+    import redis.asyncio as aioredis
+
+    presence = RedisPresence(redis_url, timeout=TIMEOUT)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        r = room()
+        await presence.add(r, "a1", ANN, "n1")
+        await presence.add(r, "c1", CAT, "n1")
+        await client.delete(f"collab:presence:{{{r}}}:names")
+        assert await presence.members(r) == [Member(ANN, 1), Member(CAT, 1)]
+    finally:
+        await client.aclose()
         await presence.close()
