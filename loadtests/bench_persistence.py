@@ -30,14 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
-import signal
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -48,7 +44,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from workers.isolated import IsolatedBroker
+from workers.isolated import IsolatedBroker, WorkerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(
@@ -102,72 +98,24 @@ async def _pg(url: str, *statements: str) -> Any:
         await connection.close()
 
 
-class Worker:
-    """One `collab worker` process group, stopped by its PID."""
+def _answers(port: int) -> bool:
+    try:
+        scrape(port)
+    except OSError:
+        return False
+    return True
 
-    def __init__(self, env: dict[str, str], concurrency: int, log_path: Path) -> None:
-        self.env = env
-        self.concurrency = concurrency
-        self.log_path = log_path
-        self.metrics_port = _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> None:
-        env = {**self.env, "COLLAB_CELERY_METRICS_PORT": str(self.metrics_port)}
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "collab",
-                    "worker",
-                    "--concurrency",
-                    str(self.concurrency),
-                    "--pool",
-                    "prefork",
-                    "--loglevel",
-                    "WARNING",
-                    "--without-mingle",
-                    "--without-gossip",
-                    "--without-heartbeat",
-                    "--hostname",
-                    f"collab-bench-{uuid.uuid4().hex[:6]}@%h",
-                ],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{self.log_path.read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                self.scrape()
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"worker not ready:\n{self.log_path.read_text()[-3000:]}")
-
-    def scrape(self) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        samples: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        self.process = None
+def scrape(port: int) -> dict[str, float]:
+    """The worker's Prometheus samples (`COLLAB_CELERY_METRICS_PORT`), by full name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def lag_quantile(before: dict[str, float], after: dict[str, float], q: float) -> float:
@@ -192,7 +140,7 @@ async def one_run(
     count: int,
     args: argparse.Namespace,
     broker: IsolatedBroker,
-    worker: Worker,
+    metrics_port: int,
 ) -> Result:
     from collab.settings import Settings
     from persistence.celery_sink import CeleryMessageSink
@@ -241,7 +189,7 @@ async def one_run(
                 )
             )
 
-    before = worker.scrape()
+    before = scrape(metrics_port)
     await sink.start()
     started = time.perf_counter()
     publishers = min(args.in_flight, count)
@@ -261,7 +209,7 @@ async def one_run(
     tasks = sink.tasks_sent
     await sink.close()
     await asyncio.sleep(0.3)  # let the exporter see the last batch
-    after = worker.scrape()
+    after = scrape(metrics_port)
     return Result(
         mode=mode,
         run=run,
@@ -324,7 +272,16 @@ async def main_async(args: argparse.Namespace) -> int:
                 **broker.env(),
             }
         )
-        worker = Worker(env, args.concurrency, log_path)
+        metrics_port = _free_port()
+        env["COLLAB_CELERY_METRICS_PORT"] = str(metrics_port)
+        worker = WorkerProcess(
+            env,
+            log_path,
+            args.concurrency,
+            name="collab-bench",
+            loglevel="WARNING",  # no line per task: the unbatched runs make thousands
+            ready=lambda: _answers(metrics_port),
+        )
         try:
             await asyncio.to_thread(migrate.upgrade, args.database_url)
             worker.start()
@@ -340,11 +297,11 @@ async def main_async(args: argparse.Namespace) -> int:
                 plan += [("unbatched", args.unbatched_messages)] * args.runs
             for index, (mode, count) in enumerate(plan):
                 run = index % args.runs + 1
-                result = await one_run(mode, run, count, args, broker, worker)
+                result = await one_run(mode, run, count, args, broker, metrics_port)
                 results.append(result)
                 print_result(result)
         finally:
-            worker.stop()
+            worker.kill()
             broker.cleanup()
             await _pg(POSTGRES_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     summary(results)

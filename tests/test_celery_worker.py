@@ -14,12 +14,6 @@ started in their own process group and killed by that group only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,66 +35,11 @@ from tests.helpers import eventually
 from tests.processes import ServerProcess, server_env
 from tests.services import POSTGRES_URL, free_port
 from tests.wsclient import Client, Frame, guest
-from workers.isolated import IsolatedBroker
+from workers.isolated import IsolatedBroker, WorkerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 # --- processes -------------------------------------------------------------------------------
-
-
-@dataclass
-class WorkerProcess:
-    """One `collab worker` (a Celery worker and its pool), in a process group of its own."""
-
-    env: dict[str, str]
-    log_path: Path
-    concurrency: int = 2
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 40.0) -> WorkerProcess:
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "collab",
-                    "worker",
-                    "--concurrency",
-                    str(self.concurrency),
-                    "--pool",
-                    "prefork",
-                    "--without-mingle",
-                    "--without-gossip",
-                    "--without-heartbeat",
-                    "--hostname",
-                    f"collab-test-{uuid.uuid4().hex[:8]}@%h",
-                ],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{self.log()}")
-            if " ready." in self.log_path.read_text(errors="replace")[offset:]:
-                return self
-            time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"worker not ready within {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def kill(self) -> None:
-        """SIGKILL to the worker's whole process group: the main process and its pool."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
 
 
 @dataclass
