@@ -221,6 +221,26 @@ def record(
     )
 
 
+def in_order(
+    environment: Environment,
+    name: str,
+    what: str,
+    last: tuple[str, int] | None,
+    epoch: str,
+    offset: int,
+) -> tuple[str, int]:
+    """Record failure `name` when `offset` does not follow `last` in the same epoch (a lost or
+    reordered frame; a new epoch starts over); the position to remember."""
+    if last is not None and last[0] == epoch and offset != last[1] + 1:
+        record(
+            environment,
+            name,
+            0,
+            exception=ServerError(f"{what}: offset {offset} after {last[1]}"),
+        )
+    return (epoch, offset)
+
+
 def since_ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
@@ -476,7 +496,34 @@ def guest_token(user: HttpUser, shared: bool) -> str | None:
 # --- users -------------------------------------------------------------------------------------
 
 
-class ChatUser(HttpUser):
+class _WebSocketUser(HttpUser):
+    """A user holding one WebSocket session, opened again (after a pause) when it dies."""
+
+    abstract = True
+    session: Session | None = None
+
+    def _open(self) -> bool:
+        raise NotImplementedError
+
+    def _session(self) -> Session | None:
+        """The live session, or None after starting to open a new one for the next task."""
+        session = self.session
+        if session is not None and session.alive:
+            return session
+        if session is not None:
+            session.close()
+        self.session = None
+        if not self._open():
+            gevent.sleep(1.0)  # back off before trying again
+        return None
+
+    def on_stop(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
+class ChatUser(_WebSocketUser):
     """Joins rooms on /ws/chat and publishes; records connect, join, ack and delivery times."""
 
     weight = 3
@@ -486,7 +533,7 @@ class ChatUser(HttpUser):
         self.rng = random.Random()
         self.rooms = self.settings.pick_rooms(self.rng)
         self.offsets: dict[str, tuple[str, int]] = {}
-        self.session: Session | None = None
+        self.session = None
         self.next_ping = 0.0
         self.padding = "x" * self.settings.body_bytes
         self._open()
@@ -525,13 +572,8 @@ class ChatUser(HttpUser):
 
     @task
     def publish(self) -> None:
-        session = self.session
-        if session is None or not session.alive:
-            if session is not None:
-                session.close()
-            self.session = None
-            if not self._open():
-                gevent.sleep(1.0)  # back off before trying again
+        session = self._session()
+        if session is None:
             return
         session.expire(self.settings.ack_timeout)
         if self.settings.publish_rate <= 0 or time.monotonic() >= self.next_ping:
@@ -548,15 +590,9 @@ class ChatUser(HttpUser):
             return
         room, epoch, offset = frame.get("room"), frame.get("epoch"), frame.get("offset")
         if isinstance(room, str) and isinstance(offset, int) and isinstance(epoch, str):
-            last = self.offsets.get(room)
-            if last is not None and last[0] == epoch and offset != last[1] + 1:
-                record(
-                    self.environment,
-                    "delivery order",
-                    0,
-                    exception=ServerError(f"{room}: offset {offset} after {last[1]}"),
-                )
-            self.offsets[room] = (epoch, offset)
+            self.offsets[room] = in_order(
+                self.environment, "delivery order", room, self.offsets.get(room), epoch, offset
+            )
         body = frame.get("body")
         if not isinstance(body, dict) or MARK not in body:
             return
@@ -566,13 +602,8 @@ class ChatUser(HttpUser):
         latency = max(0.0, (time.time() - float(body["sent"])) * 1000)
         record(self.environment, "delivery", latency, length=size)
 
-    def on_stop(self) -> None:
-        if self.session is not None:
-            self.session.close()
-            self.session = None
 
-
-class DashboardUser(HttpUser):
+class DashboardUser(_WebSocketUser):
     """Watches feed `items` on /ws/live; records how long REST changes take to arrive."""
 
     weight = 1
@@ -580,7 +611,7 @@ class DashboardUser(HttpUser):
     def on_start(self) -> None:
         self.settings = Settings.of(self.environment)
         self.rng = random.Random()
-        self.session: Session | None = None
+        self.session = None
         self.position: tuple[str, int] | None = None
         self._open()
 
@@ -614,13 +645,8 @@ class DashboardUser(HttpUser):
 
     @task
     def keep_watching(self) -> None:
-        session = self.session
-        if session is None or not session.alive:
-            if session is not None:
-                session.close()
-            self.session = None
-            if not self._open():
-                gevent.sleep(1.0)
+        session = self._session()
+        if session is None:
             return
         session.request({"type": "ping"}, "ping", timeout=self.settings.ack_timeout)
 
@@ -629,14 +655,9 @@ class DashboardUser(HttpUser):
             return
         epoch, offset = frame.get("epoch"), frame.get("offset")
         if isinstance(epoch, str) and isinstance(offset, int):
-            if self.position and self.position[0] == epoch and offset != self.position[1] + 1:
-                record(
-                    self.environment,
-                    "update order",
-                    0,
-                    exception=ServerError(f"items: offset {offset} after {self.position[1]}"),
-                )
-            self.position = (epoch, offset)
+            self.position = in_order(
+                self.environment, "update order", "items", self.position, epoch, offset
+            )
         data = frame.get("data")
         if not isinstance(data, dict) or data.get("op") not in ("created", "updated"):
             return  # a deleted item still carries the time of its last change, not this one
@@ -645,11 +666,6 @@ class DashboardUser(HttpUser):
         if isinstance(payload, dict) and MARK in payload:
             latency = max(0.0, (time.time() - float(payload["sent"])) * 1000)
             record(self.environment, "update", latency, length=size)
-
-    def on_stop(self) -> None:
-        if self.session is not None:
-            self.session.close()
-            self.session = None
 
 
 class RestUser(HttpUser):
