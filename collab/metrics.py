@@ -40,6 +40,11 @@ class NodeCollector(Collector):
             sum(1 for c in hub.connections.values() if c.writes_directly),
         )
         yield CounterMetricFamily(
+            "collab_connections_closed_too_slow",
+            "Connections closed with 4408 because their outgoing queue overflowed",
+            node.closed_too_slow,
+        )
+        yield CounterMetricFamily(
             "collab_messages_published", "Messages published through this node", node.published
         )
         yield CounterMetricFamily(

@@ -30,6 +30,9 @@ log = logging.getLogger("collab.realtime")
 
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
+# Above this, a loop turn's frames for one connection are not joined into one write (see flush).
+_COALESCED_WRITE_MAX = 64 * 1024
+
 
 class TokenBucket:
     """`rate` tokens a second up to `burst`: a steady pace with room for short bursts."""
@@ -187,17 +190,28 @@ class Connection:
         direct = self._direct
         if not pending or direct is None or self._closing:
             return
-        if direct.ready():
+        if not direct.alive():
+            return  # the peer is gone or closing: the reader sees it and cleans up
+        if direct.writable.is_set():
             if len(pending) == 1:
                 direct.transport.write(pending[0].wire)
-            else:
-                direct.transport.write(b"".join([out.wire for out in pending]))
-        elif direct.alive():  # paused: the peer is not reading fast enough
-            for out in pending:
-                self._enqueue(out)
-            if self._queue and not self._closing and self._writer is None:
-                self._writer = asyncio.get_running_loop().create_task(self._drain_direct(direct))
-        # else the peer is gone or closing: the reader sees it and cleans up
+                return
+            data = b"".join([out.wire for out in pending])
+            if len(data) <= _COALESCED_WRITE_MAX:
+                direct.transport.write(data)
+                return
+            # A big turn (a loop that stalled, a burst of large frames): frame by frame while
+            # the transport takes them, so a reader that stopped gets no more than it would
+            # have without coalescing, and the rest goes through the bounded queue.
+            written = 0
+            while written < len(pending) and direct.writable.is_set():
+                direct.transport.write(pending[written].wire)
+                written += 1
+            del pending[:written]
+        for out in pending:  # the transport is paused: the peer is not reading fast enough
+            self._enqueue(out)
+        if self._queue and not self._closing and self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain_direct(direct))
 
     def _enqueue(self, out: Outgoing) -> None:
         if self._closing:  # overflowed earlier in the same flush: nothing more is sent

@@ -83,6 +83,7 @@ class Node:
         self._sweeper: asyncio.Task[None] | None = None
         self.closing = False
         self.published = 0
+        self.closed_too_slow = 0  # connections closed with 4408: read slower than the room
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -127,9 +128,14 @@ class Node:
             return p.CloseCode.TOO_MANY_CONNECTIONS
         return None
 
+    def _count_close(self, conn: Connection) -> None:
+        if conn.close_code == p.CloseCode.TOO_SLOW:
+            self.closed_too_slow += 1
+
     def connect(self, conn: Connection) -> bytes:
         """Register a connection; its welcome frame."""
         self.hub.add_connection(conn)
+        conn.on_close = self._count_close
         return p.welcome(
             conn.conn_id,
             self.node_id,

@@ -91,9 +91,8 @@ class DirectWriter:
         proto = self._proto
         return not (proto.close_sent or proto.disconnected) and self._conn.state is _OPEN
 
-    def ready(self) -> bool:
-        """Alive, and the transport below its high-water mark (uvicorn's own `send` waits)."""
-        return self.writable.is_set() and self.alive()
+    # `writable` is set while the transport is below its high-water mark: what uvicorn's own
+    # `send` waits for before it writes.
 
 
 def direct_writer(send: Any) -> DirectWriter | None:
