@@ -200,14 +200,19 @@ class Connection:
             if len(data) <= _COALESCED_WRITE_MAX:
                 direct.transport.write(data)
                 return
-            # A big turn (a loop that stalled, a burst of large frames): frame by frame while
-            # the transport takes them, so a reader that stopped gets no more than it would
-            # have without coalescing, and the rest goes through the bounded queue.
-            written = 0
-            while written < len(pending) and direct.writable.is_set():
-                direct.transport.write(pending[written].wire)
-                written += 1
-            del pending[:written]
+            # A big turn (a loop that stalled, a burst of large frames): writes of at most
+            # _COALESCED_WRITE_MAX while the transport takes them, so a reader that stopped
+            # holds at most one such write more than it would without coalescing; the rest
+            # goes through the bounded queue.
+            start = 0
+            while start < len(pending) and direct.writable.is_set():
+                end, size = start + 1, len(pending[start].wire)
+                while end < len(pending) and size + len(pending[end].wire) <= _COALESCED_WRITE_MAX:
+                    size += len(pending[end].wire)
+                    end += 1
+                direct.transport.write(b"".join([out.wire for out in pending[start:end]]))
+                start = end
+            del pending[:start]
         for out in pending:  # the transport is paused: the peer is not reading fast enough
             self._enqueue(out)
         if self._queue and not self._closing and self._writer is None:
