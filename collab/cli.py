@@ -145,6 +145,23 @@ def create_user_command(username: str, role: str) -> None:
     print(f"collab: created {role} {username!r} with id {user_id}")
 
 
+def storage_check_command(rooms: list[str] | None, since: str | None, repair: bool) -> None:
+    from collab.storage_check import parse_duration, run
+    from realtime.protocol import is_valid_name
+
+    settings = _settings()
+    try:
+        if since is not None:
+            parse_duration(since)
+        for room in rooms or []:
+            if not is_valid_name(room):
+                raise ValueError(f"not a room name: {room!r}")
+    except ValueError as exc:
+        sys.stderr.write(f"collab storage check: {exc}\n")
+        raise SystemExit(2) from None
+    raise SystemExit(run(settings, rooms, since, repair))
+
+
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -170,6 +187,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p_user.add_argument("username")
     p_user.add_argument("--role", choices=["user", "service", "admin"], default="user")
+    p_storage = sub.add_parser("storage", help="storage checks")
+    storage = p_storage.add_subparsers(dest="storage_command", required=True)
+    p_check = storage.add_parser(
+        "check",
+        help="compare published against stored messages; exit 1 when there are gaps",
+    )
+    p_check.add_argument("--room", action="append", help="only this room (repeatable)")
+    p_check.add_argument("--since", help="only messages of this recent period (90s, 15m, 2h, 7d)")
+    p_check.add_argument(
+        "--repair", action="store_true", help="store what the broker's window still holds"
+    )
     p_worker = sub.add_parser("worker", help="run a Celery worker that stores messages")
     p_worker.add_argument("celery_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(arguments)
@@ -182,5 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         migrate_command()
     elif args.command == "create-user":
         create_user_command(args.username, args.role)
+    elif args.command == "storage":
+        storage_check_command(args.room, args.since, args.repair)
     else:
         worker_command(args.celery_args)

@@ -58,8 +58,36 @@ class NodeCollector(Collector):
             "1 when the last batch of messages was handed to storage",
             1.0 if node.sink.healthy else 0.0,
         )
+        yield CounterMetricFamily(
+            "collab_messages_acknowledged",
+            "Publishes answered with an ack: stored (in-process) or in the Celery broker",
+            node.acknowledged,
+        )
+        yield CounterMetricFamily(
+            "collab_messages_unconfirmed_replies",
+            "Publishes delivered whose storage did not confirm: answered outcome unknown",
+            node.unconfirmed_replies,
+        )
+        reconciler = node.reconciler
+        if reconciler is not None:
+            for name, doc in (
+                ("verified", "Published offsets the reconciler confirmed stored"),
+                ("restored", "Messages the reconciler stored again from the broker's window"),
+                ("set_aside", "Messages the database refused while the reconciler stored them"),
+                ("lost", "Published messages neither stored nor in the window any more"),
+                ("failures", "Reconciler passes that failed (broker or database unavailable)"),
+            ):
+                yield CounterMetricFamily(f"collab_storage_{name}", doc, getattr(reconciler, name))
+            yield GaugeMetricFamily(
+                "collab_storage_lag_seconds",
+                "Age of the oldest published message not yet confirmed stored, as this node's "
+                "reconciler saw it (includes the grace period; alert well above it)",
+                reconciler.lag,
+            )
         for name, doc in (
             ("stored", "Messages written by this node's in-process sink"),
+            ("set_aside", "Messages the database refused in this node's in-process sink"),
+            ("refused_busy", "Publishes the in-process sink turned away: too many waiting"),
             ("messages_sent", "Messages handed to the Celery broker by this node"),
             ("send_failures", "Batches the Celery broker did not take"),
         ):

@@ -17,6 +17,7 @@ from api.security import InvalidToken, decode_access_token
 from collab.settings import Settings
 from persistence.database import SessionFactory
 from persistence.history import DatabaseHistory, DatabaseRoomAccess
+from persistence.ledger import DatabaseLedger
 from persistence.repositories import ItemRepository
 from persistence.sink import DatabaseSink
 from realtime.broker import Broker
@@ -24,6 +25,7 @@ from realtime.endpoints import Authenticator
 from realtime.node import ROOM, Node, NodeLimits, presence_entry_ttl
 from realtime.presence import Presence
 from realtime.protocol import CloseCode
+from realtime.reconciler import Reconciler
 from realtime.storage import MessageSink
 from realtime.types import Position, UserInfo
 
@@ -46,7 +48,11 @@ def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker
             return Position(*last) if last else None
 
         return (
-            MemoryBroker(history_window=max(settings.history_window, 1), seed=seed),
+            MemoryBroker(
+                history_window=max(settings.history_window, 1),
+                seed=seed,
+                max_unconfirmed=settings.max_unconfirmed,
+            ),
             MemoryPresence(timeout=presence_entry_ttl(settings.presence_timeout)),
         )
     if scheme in ("redis", "rediss", "unix"):
@@ -58,6 +64,7 @@ def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker
                 settings.broker_url,
                 history_window=max(settings.history_window, 1),
                 node_id=settings.node_id,
+                max_unconfirmed=settings.max_unconfirmed,
             ),
             RedisPresence(
                 settings.broker_url, timeout=presence_entry_ttl(settings.presence_timeout)
@@ -70,7 +77,11 @@ def build_sink(settings: Settings, sessions: SessionFactory) -> MessageSink:
     """Celery workers store messages when a Celery broker is configured; else this process."""
     if not settings.celery_broker_url:
         return DatabaseSink(
-            sessions, max_batch=settings.persist_batch_size, max_delay=settings.persist_batch_delay
+            sessions,
+            max_batch=settings.persist_batch_size,
+            max_delay=settings.persist_batch_delay,
+            max_pending=settings.persist_max_pending,
+            timeout=settings.persist_timeout,
         )
     from persistence.celery_sink import CeleryMessageSink
     from workers.app import create_celery_app
@@ -112,6 +123,12 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
             presence_timeout=settings.presence_timeout,
         ),
         snapshots={"items": items_snapshot},
+        reconciler=Reconciler(
+            broker,
+            DatabaseLedger(sessions),
+            grace=settings.reconcile_grace,
+            interval=settings.reconcile_interval,
+        ),
     )
 
 

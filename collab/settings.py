@@ -77,6 +77,16 @@ class Settings(BaseSettings):
     celery_broker_transport_options: dict[str, Any] = Field(default_factory=dict)
     # A worker retries a batch while the database is unreachable, waiting up to this long.
     celery_retry_backoff_max: int = Field(default=60, ge=1, le=3600)
+    # The in-process sink: at most this many messages wait for a write, each at most this long.
+    persist_max_pending: int = Field(default=10_000, ge=1)
+    persist_timeout: float = Field(default=10.0, gt=0, le=300)
+    # The reconciler (docs/PERSISTENCE.md): a published message still not stored after
+    # `reconcile_grace` seconds is stored again from the broker's window; passes run every
+    # `reconcile_interval` seconds. The window keeps a room's unconfirmed messages, but at
+    # most `max_unconfirmed` of them (past that the oldest are lost and reported).
+    reconcile_grace: float = Field(default=60.0, ge=0, le=86_400)
+    reconcile_interval: float = Field(default=5.0, gt=0, le=3600)
+    max_unconfirmed: int = Field(default=100_000, ge=1, le=10_000_000)
     # When set, `collab worker` serves Prometheus metrics (batch size, lag) on this port.
     celery_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.dialects import mysql
@@ -144,4 +145,29 @@ class Message(Base):
     __table_args__ = (
         UniqueConstraint("room", "epoch", "offset", name="uq_messages_room_epoch_offset"),
         Index("ix_messages_room_offset", "room", "offset"),
+        # REST history without an epoch reads the room's newest messages first.
+        Index("ix_messages_room_created_at_id", "room", "created_at", "id"),
     )
+
+
+class SetAsideMessage(Base):
+    """A message the database refused (a bad row, not an outage), kept out of `messages`.
+
+    Acknowledged messages are never dropped silently: a row the database will not take is
+    recorded here with the database's reason and the message as JSON text (text, because
+    the refused value may be one that no typed column of this database can hold), so that
+    an operator can see it, and the storage check counts its offset as accounted for.
+    """
+
+    __tablename__ = "set_aside_messages"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    msg_id: Mapped[str] = mapped_column(String(32), unique=True)
+    room: Mapped[str] = mapped_column(String(64))
+    epoch: Mapped[str] = mapped_column(String(32))
+    offset: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(500))
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_set_aside_messages_room_epoch_offset", "room", "epoch", "offset"),)

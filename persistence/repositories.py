@@ -10,7 +10,7 @@ from sqlalchemy import Select, delete, func, select
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from persistence.models import Item, Message, Room, RoomMember, User
+from persistence.models import Item, Message, Room, RoomMember, SetAsideMessage, User
 
 T = TypeVar("T")
 
@@ -122,28 +122,7 @@ class MessageRepository:
         A batch delivered twice (a worker killed after its commit but before its ack) then
         writes nothing the second time. Returns how many rows were new.
         """
-        if not rows:
-            return 0
-        dialect = self.session.get_bind().dialect.name
-        if dialect in ("postgresql", "sqlite"):
-            # RETURNING names the rows actually written (a batched executemany reports no
-            # useful rowcount), so duplicates can be counted.
-            insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-            stmt = (
-                insert(Message)
-                .on_conflict_do_nothing(index_elements=["msg_id"])
-                .returning(Message.id)
-            )
-            written = await self.session.execute(stmt, list(rows))
-            return len(written.all())
-        if dialect in ("mysql", "mariadb"):
-            # One multi-row statement: its rowcount is the rows written (an executemany's
-            # is not reported).
-            result = await self.session.execute(
-                mysql.insert(Message).values(list(rows)).prefix_with("IGNORE")
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
-        raise NotImplementedError(f"no idempotent insert for {dialect}")  # pragma: no cover
+        return await insert_skipping_duplicates(self.session, Message, rows)
 
     async def latest_epoch(self, room: str) -> str | None:
         return await self.session.scalar(
@@ -199,6 +178,28 @@ class MessageRepository:
 
     async def delete_room(self, room: str) -> None:
         await self.session.execute(delete(Message).where(Message.room == room))
+
+
+async def insert_skipping_duplicates(
+    session: AsyncSession, model: type[Message | SetAsideMessage], rows: Sequence[dict[str, Any]]
+) -> int:
+    """Insert rows, skipping those whose `msg_id` is taken; how many were new."""
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        # RETURNING names the rows actually written (a batched executemany reports no useful
+        # rowcount), so duplicates can be counted.
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = insert(model).on_conflict_do_nothing(index_elements=["msg_id"]).returning(model.id)
+        written = await session.execute(stmt, list(rows))
+        return len(written.all())
+    if dialect in ("mysql", "mariadb"):
+        # One multi-row statement: its rowcount is the rows written (an executemany's is not
+        # reported).
+        result = await session.execute(mysql.insert(model).values(list(rows)).prefix_with("IGNORE"))
+        return int(getattr(result, "rowcount", 0) or 0)
+    raise NotImplementedError(f"no idempotent insert for {dialect}")  # pragma: no cover
 
 
 def message_row(

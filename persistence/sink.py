@@ -3,7 +3,13 @@
 Publishers wait for their batch's commit, so an acknowledged message is in the database. A
 batch collects for at most `max_delay` seconds or `max_batch` messages, whichever comes
 first, so a burst costs one transaction, not one per message. The insert skips message ids
-already stored, which makes a retried publish harmless.
+already stored, which makes a retried publish harmless, and a row the database refuses is set
+aside without failing the rest of its batch (`persistence.writer`).
+
+Nothing here grows without bound: at most `max_pending` messages wait for a write, and a
+publisher waits at most `timeout` seconds. Past either, `store` answers `SinkUnavailable`; the
+message was already delivered, so the reconciler stores it from the broker's window once the
+database takes writes again.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from persistence.database import SessionFactory
 from persistence.history import to_row
-from persistence.repositories import MessageRepository
-from realtime.storage import MessageSink, SinkUnavailable, StoredMessage
+from persistence.writer import reason_of, write_messages
+from realtime.storage import MessageRefused, MessageSink, SinkUnavailable, StoredMessage
 from realtime.types import UserInfo
 
 log = logging.getLogger("collab.persistence")
@@ -25,15 +31,29 @@ log = logging.getLogger("collab.persistence")
 
 class DatabaseSink(MessageSink):
     def __init__(
-        self, sessions: SessionFactory, *, max_batch: int = 500, max_delay: float = 0.005
+        self,
+        sessions: SessionFactory,
+        *,
+        max_batch: int = 500,
+        max_delay: float = 0.005,
+        max_pending: int = 10_000,
+        timeout: float = 10.0,
     ) -> None:
         self.sessions = sessions
         self.max_batch = max_batch
         self.max_delay = max_delay
+        self.max_pending = max_pending
+        self.timeout = timeout
         self._queue: asyncio.Queue[tuple[StoredMessage, asyncio.Future[None]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.stored = 0
+        self.set_aside = 0
+        self.refused_busy = 0  # store calls answered at once: `max_pending` already waiting
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -56,9 +76,15 @@ class DatabaseSink(MessageSink):
     async def store(self, message: StoredMessage) -> None:
         if self._queue is None or self._task is None or self._task.done():
             raise SinkUnavailable("message store is not running")
+        if self._queue.qsize() >= self.max_pending:
+            self.refused_busy += 1
+            raise SinkUnavailable("message store is backed up")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put((message, done))
-        await done
+        self._queue.put_nowait((message, done))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self.timeout)
+        except TimeoutError:
+            raise SinkUnavailable("message store did not answer in time") from None
 
     async def _run(self) -> None:
         assert self._queue is not None
@@ -93,11 +119,9 @@ class DatabaseSink(MessageSink):
         if not batch:
             return
         try:
-            async with self.sessions() as session:
-                await MessageRepository(session).insert_many([to_row(m) for m, _ in batch])
-                await session.commit()
+            outcome = await write_messages(self.sessions, [to_row(m) for m, _ in batch])
         except (SQLAlchemyError, OSError) as exc:
-            log.warning("could not store %d messages: %s", len(batch), exc)
+            log.warning("could not store %d messages: %s", len(batch), reason_of(exc))
             self.healthy = False
             for _, future in batch:
                 if not future.done():
@@ -105,10 +129,17 @@ class DatabaseSink(MessageSink):
             return
         self.healthy = True
         self.batches += 1
-        self.stored += len(batch)
-        for _, future in batch:
-            if not future.done():
+        refused = {row["msg_id"]: reason for row, reason in outcome.set_aside}
+        self.set_aside += len(refused)
+        self.stored += len(batch) - len(refused)
+        for message, future in batch:
+            if future.done():
+                continue
+            reason = refused.get(message.msg_id)
+            if reason is None:
                 future.set_result(None)
+            else:
+                future.set_exception(MessageRefused(reason))
 
 
 # A marker in the queue: write what came before it, then stop.

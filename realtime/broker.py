@@ -21,6 +21,12 @@ Contract, for every implementation:
 - `recent(channel, since)` answers the publications after `since` from the window, in order,
   only when it can prove them complete (same epoch, window reaching back far enough);
   otherwise `None`.
+- Durable channels (`publish(..., durable=True)`: chat rooms, whose messages are stored) keep
+  a storage mark beside the offset: every offset up to `stored` is confirmed stored (the
+  reconciler confirms it, `confirm_stored`). The window never drops a publication above the
+  mark, beyond the most recent `history_window`, unless more than `max_unconfirmed` are
+  waiting: the window is then where an acknowledged message that storage lost is found
+  again. A new epoch starts with the mark at its first offset minus one.
 - Ephemeral events (typing, presence diffs) travel with `publish_event`: no offset, no history.
 - While the backend is unreachable, `publish`, `publish_event`, `position` and `recent` raise
   `BrokerUnavailable`; nothing is half-published.
@@ -50,6 +56,15 @@ class Publication:
     epoch: str
     offset: int
     frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StorageMark:
+    """How far a durable channel's publications are confirmed stored."""
+
+    epoch: str
+    top: int  # the last offset published
+    stored: int  # every offset up to this one is confirmed stored, or accounted for
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +98,7 @@ class Broker(ABC):
 
     history_window: int
     idempotency_ttl: float
+    max_unconfirmed: int
 
     @abstractmethod
     async def start(self, handler: BrokerHandler) -> None:
@@ -108,9 +124,11 @@ class Broker(ABC):
         msg_id: str,
         fields: bytes,
         idempotency_key: str | None = None,
+        durable: bool = False,
     ) -> PublishResult:
         """Publish one frame. `fields` is a JSON object's bytes (`{"msg_id": ..., ...}`) whose
-        members follow the broker-set ones in the frame."""
+        members follow the broker-set ones in the frame. `durable`: the channel's
+        publications are stored, and the window keeps them until `confirm_stored`."""
 
     @abstractmethod
     async def publish_event(
@@ -130,6 +148,33 @@ class Broker(ABC):
     @abstractmethod
     async def last_frame(self, channel: str) -> bytes | None:
         """The newest publication's frame, if the window still holds it (a feed's snapshot)."""
+
+    # The storage ledger (read by the reconciler) -------------------------------------------
+
+    @abstractmethod
+    async def unconfirmed(self, limit: int = 10_000) -> list[str]:
+        """Durable channels that may hold publications not yet confirmed stored (at most
+        `limit`). A channel may be named that turns out to be confirmed; none is left out
+        that has an unconfirmed publication older than a few seconds."""
+
+    @abstractmethod
+    async def storage_mark(self, channel: str) -> StorageMark | None:
+        """The channel's storage mark; None for a channel never published to. Creates nothing."""
+
+    @abstractmethod
+    async def window(self, channel: str, epoch: str, first: int, last: int) -> list[Publication]:
+        """The publications from `first` to `last` that the window still holds, in order (none
+        when the epoch is not the current one)."""
+
+    @abstractmethod
+    async def confirm_stored(self, channel: str, epoch: str, offset: int) -> StorageMark | None:
+        """Every offset up to `offset` of `epoch` is stored: raise the mark (never lower it,
+        never past the top, not at all in another epoch) and let the window drop them."""
+
+    async def claim(self, channel: str, seconds: float) -> bool:
+        """Take the channel's reconciliation for `seconds`, so nodes do not verify one
+        channel at the same time; False when another node holds it. One process: always."""
+        return True
 
     @property
     @abstractmethod

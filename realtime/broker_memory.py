@@ -21,6 +21,7 @@ from realtime.broker import (
     PositionSeed,
     Publication,
     PublishResult,
+    StorageMark,
 )
 from realtime.types import Position, new_epoch
 
@@ -76,6 +77,8 @@ class _Channel:
     epoch: str
     offset: int
     window: deque[Publication]
+    stored: int  # the storage mark (`realtime.broker.StorageMark`)
+    durable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +122,13 @@ class MemoryBroker(Broker):
         history_window: int = 1000,
         idempotency_ttl: float = 86400,
         seed: PositionSeed | None = None,
+        max_unconfirmed: int = 100_000,
     ) -> None:
         if history_window < 1:
             raise ValueError("history_window must be at least 1")
         self.history_window = history_window
         self.idempotency_ttl = idempotency_ttl
+        self.max_unconfirmed = max(max_unconfirmed, history_window)
         self._seed = seed
         self._channels: dict[str, _Channel] = {}
         self._subscribed: set[str] = set()
@@ -152,9 +157,11 @@ class MemoryBroker(Broker):
         msg_id: str,
         fields: bytes,
         idempotency_key: str | None = None,
+        durable: bool = False,
     ) -> PublishResult:
         head = frame_head(kind, name_key, channel)
         state = await self._state(channel)
+        state.durable = state.durable or durable
         # No await from here on: the offset taken is the offset delivered, in order.
         if idempotency_key is not None:
             first = self._idempotency.get(channel, idempotency_key, time.monotonic())
@@ -171,6 +178,7 @@ class MemoryBroker(Broker):
         state.offset = offset
         publication = Publication(channel=channel, epoch=state.epoch, offset=offset, frame=frame)
         state.window.append(publication)
+        self._trim(state)
         if idempotency_key is not None:
             self._idempotency.put(
                 channel,
@@ -221,6 +229,49 @@ class MemoryBroker(Broker):
             return None
         return state.window[-1].frame
 
+    async def unconfirmed(self, limit: int = 10_000) -> list[str]:
+        found = []
+        for channel, state in self._channels.items():
+            if state.durable and state.offset > state.stored:
+                found.append(channel)
+                if len(found) >= limit:
+                    break
+        return found
+
+    async def storage_mark(self, channel: str) -> StorageMark | None:
+        state = self._channels.get(channel)
+        if state is None:
+            return None
+        return StorageMark(state.epoch, state.offset, state.stored)
+
+    async def window(self, channel: str, epoch: str, first: int, last: int) -> list[Publication]:
+        state = self._channels.get(channel)
+        if state is None or state.epoch != epoch or not state.window:
+            return []
+        base = state.window[0].offset
+        start, stop = max(first - base, 0), min(last - base + 1, len(state.window))
+        return [state.window[i] for i in range(start, stop)]
+
+    async def confirm_stored(self, channel: str, epoch: str, offset: int) -> StorageMark | None:
+        state = self._channels.get(channel)
+        if state is None:
+            return None
+        if state.epoch == epoch and offset > state.stored:
+            state.stored = min(offset, state.offset)
+            self._trim(state)
+        return StorageMark(state.epoch, state.offset, state.stored)
+
+    def _trim(self, state: _Channel) -> None:
+        """Drop what the window need not keep: beyond the recent `history_window`, only what
+        is confirmed stored, unless `max_unconfirmed` are waiting (then the oldest go)."""
+        window = state.window
+        while len(window) > self.history_window and (
+            not state.durable
+            or window[0].offset <= state.stored
+            or len(window) > self.max_unconfirmed
+        ):
+            window.popleft()
+
     @property
     def healthy(self) -> bool:
         return True
@@ -235,12 +286,11 @@ class MemoryBroker(Broker):
         state = self._channels.get(channel)
         if state is not None:
             return state
+        # A seeded position comes from the durable store: everything up to it is stored.
         if seeded is not None:
-            state = _Channel(
-                check_epoch(seeded.epoch), seeded.offset, deque(maxlen=self.history_window)
-            )
+            state = _Channel(check_epoch(seeded.epoch), seeded.offset, deque(), seeded.offset)
         else:
-            state = _Channel(new_epoch(), 0, deque(maxlen=self.history_window))
+            state = _Channel(new_epoch(), 0, deque(), 0)
         self._channels[channel] = state
         return state
 

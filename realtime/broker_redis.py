@@ -3,10 +3,16 @@
 Keys (every key of a channel shares the hash tag `{<channel>}`, so one channel's keys live in
 one Redis Cluster slot and the Lua scripts stay legal there):
 
-- `collab:{<channel>}:meta`: hash, `e` = epoch, `o` = last offset. No TTL.
+- `collab:{<channel>}:meta`: hash, `e` = epoch, `o` = last offset, `s` = the storage mark of a
+  durable channel (every offset up to it is confirmed stored). No TTL.
 - `collab:{<channel>}:stream`: stream of the recent window, entry id `<offset>-0`, one field
-  `f` = the frame. Trimmed to exactly `history_window` entries; no TTL. Deleted whenever a
-  new meta is created, so every entry belongs to the current epoch.
+  `f` = the frame. Trimmed to `history_window` entries, except that a durable channel keeps
+  what is above its storage mark (up to `max_unconfirmed`); no TTL. Deleted whenever a new
+  meta is created, so every entry belongs to the current epoch.
+- `collab:{<channel>}:reconciling`: a short lock, so one node at a time verifies a channel.
+- `collab:unconfirmed:<db>`: sorted set of durable channels that may have unconfirmed
+  publications, scored by the Redis time a node last published to them. The one key outside
+  a channel's slot: a Redis Cluster backend must keep it per shard.
 - `collab:{<channel>}:idem:<key>`: string `"<epoch> <offset> <msg_id>"`, TTL `idempotency_ttl`.
 
 Pub/sub channel `collab:{<channel>}:ps:<db>` (pub/sub ignores databases, so the db number is
@@ -29,6 +35,7 @@ import contextlib
 import logging
 import random
 import re
+import time
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -46,6 +53,7 @@ from realtime.broker import (
     PositionSeed,
     Publication,
     PublishResult,
+    StorageMark,
 )
 from realtime.broker_memory import build_frame, check_epoch, frame_head
 from realtime.types import Position, new_epoch
@@ -80,13 +88,13 @@ if idem then
     return {1, first, frame}
   end
 end
-local m = redis.call('HMGET', meta, 'e', 'o')
-local epoch, last = m[1], m[2]
+local m = redis.call('HMGET', meta, 'e', 'o', 's')
+local epoch, last, stored = m[1], m[2], m[3]
 if not epoch then
   if ARGV[7] == '' then return {2} end
-  epoch, last = ARGV[7], ARGV[8]
+  epoch, last, stored = ARGV[7], ARGV[8], ARGV[8]
   redis.call('DEL', stream)
-  redis.call('HSET', meta, 'e', epoch, 'o', last)
+  redis.call('HSET', meta, 'e', epoch, 'o', last, 's', last)
 end
 local offset = string.format('%d', tonumber(last) + 1)
 local rest = string.sub(ARGV[2], 2)
@@ -96,7 +104,24 @@ if string.find(rest, '^%s*}%s*$') then
 else
   frame = ARGV[1] .. ',"epoch":"' .. epoch .. '","offset":' .. offset .. ',' .. rest
 end
-redis.call('XADD', stream, 'MAXLEN', ARGV[4], offset .. '-0', 'f', frame)
+if ARGV[9] == '1' then
+  -- A durable channel's window keeps what is not confirmed stored (up to ARGV[10]).
+  if not stored then
+    stored = last  -- a channel from before storage marks: what came before counts as stored
+    redis.call('HSET', meta, 's', last)
+  end
+  redis.call('XADD', stream, offset .. '-0', 'f', frame)
+  local keep = tonumber(offset) - tonumber(ARGV[4]) + 1
+  local above = tonumber(stored) + 1
+  if above < keep then
+    keep = math.max(above, tonumber(offset) - tonumber(ARGV[10]) + 1)
+  end
+  if keep > 1 then
+    redis.call('XTRIM', stream, 'MINID', string.format('%d', keep) .. '-0')
+  end
+else
+  redis.call('XADD', stream, 'MAXLEN', ARGV[4], offset .. '-0', 'f', frame)
+end
 redis.call('HSET', meta, 'o', offset)
 redis.call('PUBLISH', ARGV[6], 'm' .. epoch .. ' ' .. offset .. '\\n' .. frame)
 if idem then
@@ -110,7 +135,7 @@ _ENSURE_LUA = """
 local m = redis.call('HMGET', KEYS[1], 'e', 'o')
 if m[1] then return m end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'e', ARGV[1], 'o', ARGV[2])
+redis.call('HSET', KEYS[1], 'e', ARGV[1], 'o', ARGV[2], 's', ARGV[2])
 return {ARGV[1], ARGV[2]}
 """
 
@@ -126,6 +151,53 @@ if since == top then return {m[1], m[2], {}} end
 local first = string.format('%d', since + 1) .. '-0'
 return {m[1], m[2], redis.call('XRANGE', KEYS[2], first, '+')}
 """
+
+
+# The window between two offsets, only in the epoch asked about.
+_WINDOW_LUA = """
+if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return {} end
+return redis.call('XRANGE', KEYS[2], ARGV[2] .. '-0', ARGV[3] .. '-0')
+"""
+
+# Raise the storage mark (never lower it, never past the top) and trim what it frees.
+_CONFIRM_LUA = """
+local m = redis.call('HMGET', KEYS[1], 'e', 'o', 's')
+if not m[1] then return {} end
+local top = tonumber(m[2])
+local stored = tonumber(m[3] or m[2])
+if m[1] == ARGV[1] then
+  local target = math.min(tonumber(ARGV[2]), top)
+  if target > stored then
+    stored = target
+    redis.call('HSET', KEYS[1], 's', string.format('%d', stored))
+  end
+  local keep = math.min(top - tonumber(ARGV[3]) + 1, stored + 1)
+  if keep > 1 then
+    redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', keep) .. '-0')
+  end
+end
+return {m[1], m[2], string.format('%d', stored)}
+"""
+
+# Scored by Redis's own clock, so that nodes whose clocks differ agree on idleness.
+_MARK_LUA = """
+redis.call('ZADD', KEYS[1], redis.call('TIME')[1], ARGV[1])
+"""
+
+# A channel leaves the set only when all it published is confirmed and nobody published to it
+# for ARGV[2] seconds. A node re-marks a channel at most every `_MARK_REFRESH` seconds, and
+# ARGV[2] is longer than that, so a publish that this removal could miss cannot exist.
+_UNMARK_LUA = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+local m = redis.call('HMGET', KEYS[2], 'o', 's')
+if m[1] and m[1] ~= (m[2] or m[1]) then return 0 end
+if tonumber(score) > tonumber(redis.call('TIME')[1]) - tonumber(ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+"""
+_MARK_REFRESH = 5.0
+_UNMARK_IDLE = 20
 
 
 @contextlib.contextmanager
@@ -148,11 +220,13 @@ class RedisBroker(Broker):
         idempotency_ttl: float = 86400,
         seed: PositionSeed | None = None,
         node_id: str = "",
+        max_unconfirmed: int = 100_000,
     ) -> None:
         if history_window < 1:
             raise ValueError("history_window must be at least 1")
         self.history_window = history_window
         self.idempotency_ttl = idempotency_ttl
+        self.max_unconfirmed = max(max_unconfirmed, history_window)
         self._seed = seed
         self.node_id = node_id
         options: dict[str, Any] = {
@@ -168,6 +242,12 @@ class RedisBroker(Broker):
         self._publish_script = self._client.register_script(_PUBLISH_LUA)
         self._ensure_script = self._client.register_script(_ENSURE_LUA)
         self._recent_script = self._client.register_script(_RECENT_LUA)
+        self._window_script = self._client.register_script(_WINDOW_LUA)
+        self._confirm_script = self._client.register_script(_CONFIRM_LUA)
+        self._mark_script = self._client.register_script(_MARK_LUA)
+        self._unmark_script = self._client.register_script(_UNMARK_LUA)
+        self._unconfirmed_key = f"{_PREFIX}unconfirmed:{self._db}"
+        self._marked: dict[str, float] = {}  # durable channel -> when this node last marked it
 
         self._handler: BrokerHandler | None = None
         self._task: asyncio.Task[None] | None = None
@@ -526,9 +606,12 @@ class RedisBroker(Broker):
         msg_id: str,
         fields: bytes,
         idempotency_key: str | None = None,
+        durable: bool = False,
     ) -> PublishResult:
         if not fields.startswith(b"{"):
             raise ValueError("fields must be the bytes of a JSON object")
+        if durable:
+            await self._mark(channel)
         head = frame_head(kind, name_key, channel)
         keys = [self._key(channel, "meta"), self._key(channel, "stream")]
         if idempotency_key is not None:
@@ -541,15 +624,16 @@ class RedisBroker(Broker):
             max(1, int(self.idempotency_ttl * 1000)),
             self._pubsub_name(channel),
         ]
+        tail = ["1" if durable else "0", self.max_unconfirmed]
         # Without a seed a fresh epoch rides along (no extra round trip on a new channel);
         # with one, a missing meta is reported and the seed asked only then.
         start = ("", 0) if self._seed is not None else (new_epoch(), 0)
         with _unavailable():
-            reply = await self._publish_script(keys=keys, args=[*args, *start])
+            reply = await self._publish_script(keys=keys, args=[*args, *start, *tail])
             if reply[0] == 2:
                 initial = await self._initial_position(channel)
                 reply = await self._publish_script(
-                    keys=keys, args=[*args, initial.epoch, initial.offset]
+                    keys=keys, args=[*args, initial.epoch, initial.offset, *tail]
                 )
         if reply[0] == 1:
             epoch, offset, first_id = reply[1].decode().split(" ", 2)
@@ -621,6 +705,74 @@ class RedisBroker(Broker):
         if not entries:
             return None
         return entries[0][1].get(b"f")
+
+    # The storage ledger -------------------------------------------------------------------
+
+    async def _mark(self, channel: str) -> None:
+        """Name the channel in the unconfirmed set before publishing to it (at most every
+        `_MARK_REFRESH` seconds), so that the reconciler of any node finds it even if this
+        node dies right after the publish."""
+        now = time.monotonic()
+        if now - self._marked.get(channel, -_MARK_REFRESH) < _MARK_REFRESH:
+            return
+        with _unavailable():
+            await self._mark_script(keys=[self._unconfirmed_key], args=[channel])
+        self._marked[channel] = now
+        if len(self._marked) > 100_000:  # forget channels not published to lately
+            cutoff = now - _MARK_REFRESH
+            self._marked = {c: t for c, t in self._marked.items() if t >= cutoff}
+
+    async def unconfirmed(self, limit: int = 10_000) -> list[str]:
+        with _unavailable():
+            names = await self._client.zrange(self._unconfirmed_key, 0, limit - 1)
+        return [name.decode() for name in cast(list[bytes], names)]
+
+    async def storage_mark(self, channel: str) -> StorageMark | None:
+        with _unavailable():
+            meta = await self._client.hmget(self._key(channel, "meta"), ["e", "o", "s"])
+        epoch, offset, stored = cast(list[bytes | None], meta)
+        if epoch is None or offset is None:
+            return None
+        return StorageMark(epoch.decode(), int(offset), int(stored or offset))
+
+    async def window(self, channel: str, epoch: str, first: int, last: int) -> list[Publication]:
+        if last < first:
+            return []
+        keys = [self._key(channel, "meta"), self._key(channel, "stream")]
+        with _unavailable():
+            entries = await self._window_script(keys=keys, args=[epoch, max(first, 0), last])
+        publications = []
+        for entry_id, fields in entries:
+            offset = int(entry_id.split(b"-", 1)[0])
+            publications.append(Publication(channel, epoch, offset, fields[1]))
+        return publications
+
+    async def confirm_stored(self, channel: str, epoch: str, offset: int) -> StorageMark | None:
+        keys = [self._key(channel, "meta"), self._key(channel, "stream")]
+        with _unavailable():
+            reply = await self._confirm_script(keys=keys, args=[epoch, offset, self.history_window])
+            if not reply:
+                await self._unmark(channel)
+                return None
+            mark = StorageMark(reply[0].decode(), int(reply[1]), int(reply[2]))
+            if mark.stored >= mark.top:
+                await self._unmark(channel)
+        return mark
+
+    async def _unmark(self, channel: str) -> None:
+        await self._unmark_script(
+            keys=[self._unconfirmed_key, self._key(channel, "meta")], args=[channel, _UNMARK_IDLE]
+        )
+
+    async def claim(self, channel: str, seconds: float) -> bool:
+        with _unavailable():
+            taken = await self._client.set(
+                self._key(channel, "reconciling"),
+                self.node_id or "node",
+                px=max(1, int(seconds * 1000)),
+                nx=True,
+            )
+        return bool(taken)
 
     async def _initial_position(self, channel: str) -> Position:
         seeded = await self._seed(channel) if self._seed is not None else None

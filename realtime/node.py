@@ -18,11 +18,19 @@ from typing import Any
 import orjson
 
 from realtime import protocol as p
-from realtime.broker import Broker, BrokerUnavailable
+from realtime.broker import Broker, BrokerUnavailable, PublishResult
 from realtime.connection import Connection
 from realtime.hub import Hub
 from realtime.presence import Member, Presence, PresenceUnavailable
-from realtime.storage import HistoryReader, MessageSink, RoomAccess, SinkUnavailable, StoredMessage
+from realtime.reconciler import Reconciler
+from realtime.storage import (
+    HistoryReader,
+    MessageRefused,
+    MessageSink,
+    RoomAccess,
+    SinkUnavailable,
+    StoredMessage,
+)
 from realtime.transport import Outbox
 from realtime.types import Position, UserInfo, new_msg_id
 
@@ -65,6 +73,7 @@ class Node:
         access: RoomAccess,
         limits: NodeLimits | None = None,
         snapshots: dict[str, SnapshotProvider] | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.node_id = node_id
         self.broker = broker
@@ -74,6 +83,7 @@ class Node:
         self.access = access
         self.limits = limits or NodeLimits()
         self.snapshots = snapshots or {}
+        self.reconciler = reconciler
         self.hub = Hub(broker)
         # Coalesces each loop turn's direct writes per connection (`realtime.transport`).
         self.outbox = Outbox()
@@ -83,6 +93,8 @@ class Node:
         self._sweeper: asyncio.Task[None] | None = None
         self.closing = False
         self.published = 0
+        self.acknowledged = 0  # publishes answered with `ack`: stored, or in the Celery broker
+        self.unconfirmed_replies = 0  # delivered, but storage did not confirm in time
         self.closed_too_slow = 0  # connections closed with 4408: read slower than the room
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -92,6 +104,8 @@ class Node:
         await self.sink.start()
         await self.broker.start(self.hub)
         self._sweeper = asyncio.get_running_loop().create_task(self._presence_loop())
+        if self.reconciler is not None:
+            self.reconciler.start()
 
     async def close(self) -> None:
         """Close every connection with 1001 (clients reconnect elsewhere), then the backends."""
@@ -106,6 +120,8 @@ class Node:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(task), 2.0)
         await self.hub.close()
+        if self.reconciler is not None:
+            await self.reconciler.close()
         await self.sink.close()
         await self.broker.close()
         await self.presence.close()
@@ -285,8 +301,17 @@ class Node:
             msg_id=msg_id,
             fields=fields,
             idempotency_key=key,
+            durable=True,
         )
         self.published += 1
+        if result.duplicate:
+            # A retry: what is stored is the first message, never this retry's body. Its
+            # frame is in the window unless it was confirmed stored (then nothing is left to
+            # do) or its epoch is over. Storing it again is harmless, and it is what makes
+            # the retry's ack mean "stored" after the first attempt's storage failed.
+            first = _message_of(result.frame)
+            self._spawn(self._ack_when_stored(conn, command, first, result))
+            return None
         message = StoredMessage(
             msg_id=result.msg_id,
             room=room,
@@ -297,27 +322,70 @@ class Node:
             client_msg_id=command.client_msg_id,
             ts=ts,
         )
-        # The ack waits for storage; the next command of this connection does not. A retry of
-        # a duplicate stores again, harmlessly: storage skips a msg_id it already has, and
-        # this is what saves a message whose first store failed after it was published.
-        self._spawn(self._ack_when_stored(conn, command, message))
+        # The ack waits for storage; the next command of this connection does not.
+        self._spawn(self._ack_when_stored(conn, command, message, result))
         return None
 
     async def _ack_when_stored(
-        self, conn: Connection, command: p.Publish, message: StoredMessage
+        self,
+        conn: Connection,
+        command: p.Publish,
+        message: StoredMessage | None,
+        result: PublishResult,
     ) -> None:
+        """Ack once storage has the message; otherwise say what is known.
+
+        The message went out to every member before this runs, so a failure here must not
+        read "not carried out": the reply says the outcome is unknown and names the offset.
+        The reconciler stores the message from the broker's window either way.
+        """
+        room = command.room
         try:
-            await self.sink.store(message)
+            if message is not None:
+                await self.sink.store(message)
         except SinkUnavailable as exc:
+            self.unconfirmed_replies += 1
             conn.reply(
-                p.error(command.id, p.ErrorCode.UNAVAILABLE, f"message not stored, retry: {exc}")
+                p.unconfirmed_publish(
+                    command.id,
+                    p.ErrorCode.UNAVAILABLE,
+                    f"delivered, but storage did not confirm ({exc}); retry with the same "
+                    "client_msg_id, or leave it to the server to store",
+                    room,
+                    result.offset,
+                    result.msg_id,
+                )
+            )
+            return
+        except MessageRefused as exc:
+            self.unconfirmed_replies += 1
+            conn.reply(
+                p.unconfirmed_publish(
+                    command.id,
+                    p.ErrorCode.INTERNAL,
+                    f"delivered, but the database refused to store it (set aside): {exc}",
+                    room,
+                    result.offset,
+                    result.msg_id,
+                )
             )
             return
         except Exception:
-            log.exception("storing message %s failed", message.msg_id)
-            conn.reply(p.error(command.id, p.ErrorCode.INTERNAL, "message not stored, retry"))
+            log.exception("storing message %s failed", result.msg_id)
+            self.unconfirmed_replies += 1
+            conn.reply(
+                p.unconfirmed_publish(
+                    command.id,
+                    p.ErrorCode.INTERNAL,
+                    "delivered, but storing it failed; it is retried by the server",
+                    room,
+                    result.offset,
+                    result.msg_id,
+                )
+            )
             return
-        conn.reply(p.ack(command.id, message.room, message.offset, message.msg_id))
+        self.acknowledged += 1
+        conn.reply(p.ack(command.id, room, result.offset, result.msg_id))
 
     async def typing(self, conn: Connection, command: p.Typing) -> bytes | None:
         channel = ROOM + command.room
@@ -516,6 +584,17 @@ class Node:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _message_of(frame: bytes) -> StoredMessage | None:
+    """The message of a frame from the broker's window; None when there is none."""
+    if not frame:
+        return None
+    try:
+        return StoredMessage.from_event(orjson.loads(frame))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        log.error("a duplicate's first frame is not a message: %r", frame[:200])
+        return None
 
 
 def _number(value: float) -> float | int:

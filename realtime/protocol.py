@@ -89,6 +89,9 @@ _INT64_MAX = 2**63 - 1
 # PROTOCOL.md: "Room and feed names: 1 to 64 characters of `A-Z a-z 0-9 _ - . :`".
 # fullmatch, so a trailing newline is no loophole (as it would be with `$`).
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}", re.ASCII)
+# Control characters (C0, DEL, C1) in an id: a database may refuse them (PostgreSQL refuses
+# NUL in text), and no client needs them; refused at the door, they never reach storage.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # orjson refuses to *encode* documents nested deeper than about 254 containers, though it
 # decodes up to 1024. A body we accept must still encode later inside the frames that carry
@@ -337,11 +340,14 @@ def _parse_publish(obj: dict[str, Any], command_id: CommandId, max_body_bytes: i
         )
     client_msg_id = obj.get("client_msg_id")
     if client_msg_id is not None and (
-        type(client_msg_id) is not str or not 1 <= len(client_msg_id) <= MAX_CLIENT_MSG_ID_CHARS
+        type(client_msg_id) is not str
+        or not 1 <= len(client_msg_id) <= MAX_CLIENT_MSG_ID_CHARS
+        or _CONTROL_RE.search(client_msg_id)
     ):
         raise _bad(
             command_id,
-            f"field 'client_msg_id' must be a string of 1-{MAX_CLIENT_MSG_ID_CHARS} characters",
+            f"field 'client_msg_id' must be a string of 1-{MAX_CLIENT_MSG_ID_CHARS} characters"
+            " without control characters",
         )
     return Publish(command_id, room, body, client_msg_id, body_size, body_json)
 
@@ -563,6 +569,30 @@ def pong(id: CommandId) -> bytes:
 def error(id: CommandId, code: ErrorCode, message: str) -> bytes:
     """The reply to a command that failed; the connection lives on."""
     return orjson.dumps({"type": "error", "id": id, "code": code.value, "message": message})
+
+
+def unconfirmed_publish(
+    id: CommandId, code: ErrorCode, message: str, room: str, offset: int, msg_id: str
+) -> bytes:
+    """The reply to a publish that was delivered but whose storage was not confirmed.
+
+    Not an ack, since storage did not confirm; not a plain error either, since every member
+    already has the message. `outcome: "unknown"` says so, with the position the message
+    has. A retry with the same `client_msg_id` is safe: it gets this message's ack, and
+    nothing is sent twice. Without a retry the reconciler still stores the message.
+    """
+    return orjson.dumps(
+        {
+            "type": "error",
+            "id": id,
+            "code": code.value,
+            "message": message,
+            "outcome": "unknown",
+            "room": room,
+            "offset": offset,
+            "msg_id": msg_id,
+        }
+    )
 
 
 def subscribed(

@@ -23,6 +23,26 @@ class StoredMessage:
     client_msg_id: str | None
     ts: str  # ISO 8601 UTC with milliseconds and a Z, as on the wire
 
+    @classmethod
+    def from_event(cls, event: dict[str, Any]) -> StoredMessage:
+        """The message of a `message` event (a frame from the broker's window); raises
+        KeyError, TypeError or ValueError when it is not one."""
+        user = event["user"]
+        body = event["body"]
+        if not isinstance(body, dict) or not isinstance(user, dict):
+            raise TypeError("a message's body and user are JSON objects")
+        client_msg_id = event.get("client_msg_id")
+        return cls(
+            msg_id=str(event["msg_id"]),
+            room=str(event["room"]),
+            epoch=str(event["epoch"]),
+            offset=int(event["offset"]),
+            user=UserInfo(id=str(user["id"]), name=str(user["name"])),
+            body=body,
+            client_msg_id=None if client_msg_id is None else str(client_msg_id),
+            ts=str(event["ts"]),
+        )
+
     def event(self) -> dict[str, Any]:
         """The `message` event of PROTOCOL.md."""
         return {
@@ -40,6 +60,11 @@ class StoredMessage:
 
 class SinkUnavailable(Exception):
     """The message could not be handed to durable storage; it must not be acknowledged."""
+
+
+class MessageRefused(Exception):
+    """The database refused this message for good (a bad row, not an outage); it was set
+    aside with the database's reason, and the rest of its batch was stored."""
 
 
 class MessageSink(ABC):
@@ -80,6 +105,29 @@ class HistoryReader(ABC):
 
     @abstractmethod
     async def last_position(self, room: str) -> tuple[str, int] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreOutcome:
+    written: int  # rows new to the store
+    set_aside: int  # rows the database refused, kept apart with its reason
+
+
+class StorageLedger(ABC):
+    """What the reconciler asks of durable storage: which offsets it has, and to take the
+    ones it lacks through the same idempotent path as every other write."""
+
+    @abstractmethod
+    async def count_accounted(self, room: str, epoch: str, first: int, last: int) -> int:
+        """How many offsets from `first` to `last` are stored or set aside."""
+
+    @abstractmethod
+    async def accounted(self, room: str, epoch: str, first: int, last: int) -> set[int]:
+        """The offsets from `first` to `last` that are stored or set aside."""
+
+    @abstractmethod
+    async def restore(self, messages: list[StoredMessage]) -> RestoreOutcome:
+        """Store messages, skipping ids already stored; raises when storage is unavailable."""
 
 
 class RoomAccess(ABC):

@@ -76,7 +76,7 @@ def postgres_database() -> Iterator[str]:
         asyncio.run(_pg_execute(POSTGRES_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-TABLES = ("messages", "room_members", "rooms", "items", "users")
+TABLES = ("messages", "set_aside_messages", "room_members", "rooms", "items", "users")
 
 
 async def _mysql_execute(url: str, *statements: str) -> None:

@@ -93,6 +93,7 @@ class Backend:
         history_window: int = 1000,
         idempotency_ttl: float = 86400,
         seed: PositionSeed | None = None,
+        max_unconfirmed: int = 100_000,
     ) -> Broker:
         made: Broker
         if self.is_redis:
@@ -102,9 +103,10 @@ class Backend:
                 idempotency_ttl=idempotency_ttl,
                 seed=seed,
                 node_id=f"test-{uuid.uuid4().hex[:8]}",
+                max_unconfirmed=max_unconfirmed,
             )
         else:
-            made = MemoryBroker(history_window, idempotency_ttl, seed)
+            made = MemoryBroker(history_window, idempotency_ttl, seed, max_unconfirmed)
         self.made.append(made)
         return made
 
@@ -114,9 +116,13 @@ class Backend:
         history_window: int = 1000,
         idempotency_ttl: float = 86400,
         seed: PositionSeed | None = None,
+        max_unconfirmed: int = 100_000,
     ) -> Node:
         broker = self.broker(
-            history_window=history_window, idempotency_ttl=idempotency_ttl, seed=seed
+            history_window=history_window,
+            idempotency_ttl=idempotency_ttl,
+            seed=seed,
+            max_unconfirmed=max_unconfirmed,
         )
         seen = Recorder()
         await broker.start(seen)
@@ -144,12 +150,23 @@ async def backend(backend_url: str) -> AsyncIterator[Backend]:
 
 
 async def publish(
-    broker: Broker, room: str, body: object = None, *, key: str | None = None
+    broker: Broker,
+    room: str,
+    body: object = None,
+    *,
+    key: str | None = None,
+    durable: bool = False,
 ) -> PublishResult:
     msg_id = new_msg_id()
     fields = orjson.dumps({"msg_id": msg_id, "body": body})
     return await broker.publish(
-        room, kind="message", name_key="room", msg_id=msg_id, fields=fields, idempotency_key=key
+        room,
+        kind="message",
+        name_key="room",
+        msg_id=msg_id,
+        fields=fields,
+        idempotency_key=key,
+        durable=durable,
     )
 
 
@@ -563,3 +580,83 @@ async def test_two_nodes_subscribing_alone_do_not_disturb_each_other(redis_url: 
     finally:
         await first.close()
         await second.close()
+
+
+# --- the storage ledger -------------------------------------------------------------------------
+
+
+async def held(broker: Broker, room: str, epoch: str, top: int) -> list[int]:
+    return [p.offset for p in await broker.window(room, epoch, 1, top)]
+
+
+async def test_a_durable_window_keeps_what_is_not_confirmed_stored(backend: Backend) -> None:
+    node = await backend.node(history_window=5, max_unconfirmed=50)
+    room, feed = channel(), channel("feed")
+    sent = [await publish(node.broker, room, i, durable=True) for i in range(12)]
+    for i in range(12):
+        await publish(node.broker, feed, i)
+    epoch = sent[0].epoch
+    mark = await node.broker.storage_mark(room)
+    assert mark is not None
+    assert (mark.epoch, mark.top, mark.stored) == (epoch, 12, 0)
+    # Nothing confirmed: all twelve are kept, though the window is five; a feed keeps five.
+    window = await node.broker.window(room, epoch, 1, 12)
+    assert [p.offset for p in window] == list(range(1, 13))
+    assert [p.frame for p in window] == [r.frame for r in sent]
+    feed_epoch = (await node.broker.position(feed)).epoch
+    assert await held(node.broker, feed, feed_epoch, 12) == list(range(8, 13))
+    assert room in await node.broker.unconfirmed()
+    assert feed not in await node.broker.unconfirmed()
+
+    # Confirming lets the confirmed part go, down to the recent window.
+    mark = await node.broker.confirm_stored(room, epoch, 6)
+    assert mark is not None and (mark.top, mark.stored) == (12, 6)
+    assert await held(node.broker, room, epoch, 12) == list(range(7, 13))
+    for i in range(3):
+        await publish(node.broker, room, i, durable=True)
+    assert await held(node.broker, room, epoch, 15) == list(range(7, 16))
+    mark = await node.broker.confirm_stored(room, epoch, 15)
+    assert mark is not None and mark.stored == 15
+    assert await held(node.broker, room, epoch, 15) == list(range(11, 16))
+    # Recovery reads the same window as before.
+    recent = await node.broker.recent(room, Position(epoch, 12))
+    assert recent is not None and [p.offset for p in recent] == [13, 14, 15]
+
+
+async def test_the_storage_mark_never_goes_back_past_the_top_or_across_epochs(
+    backend: Backend,
+) -> None:
+    node = await backend.node()
+    room = channel()
+    assert await node.broker.storage_mark(room) is None  # reading creates nothing
+    assert await node.broker.confirm_stored(room, "e", 3) is None
+    first = await publish(node.broker, room, durable=True)
+    await publish(node.broker, room, durable=True)
+    mark = await node.broker.confirm_stored(room, first.epoch, 99)
+    assert mark is not None and (mark.top, mark.stored) == (2, 2)
+    mark = await node.broker.confirm_stored(room, first.epoch, 1)
+    assert mark is not None and mark.stored == 2
+    await publish(node.broker, room, durable=True)
+    mark = await node.broker.confirm_stored(room, "another-epoch", 3)
+    assert mark is not None and (mark.top, mark.stored) == (3, 2)
+    assert await node.broker.window(room, "another-epoch", 1, 3) == []
+
+
+async def test_past_max_unconfirmed_the_oldest_go(backend: Backend) -> None:
+    node = await backend.node(history_window=5, max_unconfirmed=10)
+    room = channel()
+    sent = [await publish(node.broker, room, i, durable=True) for i in range(25)]
+    assert await held(node.broker, room, sent[0].epoch, 25) == list(range(16, 26))
+    mark = await node.broker.storage_mark(room)
+    assert mark is not None and mark.stored == 0  # lost, not confirmed: the reconciler says so
+
+
+async def test_a_seeded_epoch_starts_confirmed_up_to_its_seed(backend: Backend) -> None:
+    async def seed(_channel: str) -> Position:
+        return Position("seeded", 40)
+
+    node = await backend.node(seed=seed)
+    room = channel()
+    await publish(node.broker, room, durable=True)
+    mark = await node.broker.storage_mark(room)
+    assert mark is not None and (mark.epoch, mark.top, mark.stored) == ("seeded", 41, 40)

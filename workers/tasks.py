@@ -24,23 +24,19 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence.celery_sink import STORE_BATCH_TASK, decode_message
 from persistence.database import SessionFactory, create_engine, create_session_factory
 from persistence.history import to_row
-from persistence.repositories import MessageRepository
+from persistence.writer import reason_of, write_messages
 from workers.metrics import metrics
 
 if TYPE_CHECKING:
     from collab.settings import Settings
 
 log = logging.getLogger("collab.workers")
-
-# Errors that say "this row is wrong", not "the database is away": a batch that meets one is
-# stored row by row, and only the rows the database refuses are left out (and logged).
-ROW_ERRORS = (IntegrityError, DataError)
 
 
 class BatchNotStored(Exception):
@@ -102,47 +98,12 @@ class BatchWriter:
             try:
                 return self._loop.run_until_complete(self._write(rows))
             except (SQLAlchemyError, OSError, TimeoutError) as exc:
-                raise BatchNotStored(f"database unavailable: {exc!r}") from exc
+                raise BatchNotStored(f"database unavailable: {reason_of(exc)}") from exc
 
     async def _write(self, rows: Sequence[dict[str, Any]]) -> int:
         assert self._sessions is not None
-        try:
-            async with self._sessions() as session:
-                await MessageRepository(session).insert_many(rows)
-                await session.commit()
-        except ROW_ERRORS as exc:
-            log.warning(
-                "a batch of %d has a row the database refuses (%s); row by row",
-                len(rows),
-                _reason(exc),
-            )
-        else:
-            return 0
-        rejected = 0
-        for row in rows:
-            try:
-                async with self._sessions() as session:
-                    await MessageRepository(session).insert_many([row])
-                    await session.commit()
-            except ROW_ERRORS as exc:
-                rejected += 1
-                log.error(
-                    "message %s (room %s, epoch %s, offset %s) refused by the database, "
-                    "not stored: %s; row: %r",
-                    row["msg_id"],
-                    row["room"],
-                    row["epoch"],
-                    row["offset"],
-                    _reason(exc),
-                    row,
-                )
-        return rejected
-
-
-def _reason(exc: BaseException) -> str:
-    """The database's own words, without the statement and its parameters."""
-    text = str(getattr(exc, "orig", None) or exc)
-    return text.splitlines()[0] if text else type(exc).__name__
+        outcome = await write_messages(self._sessions, rows)
+        return len(outcome.set_aside)
 
 
 _writer: BatchWriter | None = None
