@@ -7,6 +7,13 @@ and PostgreSQL. It does not measure WebSocket handling (see `loadtests.fanout`).
 - *batched*: the production settings, a batch closes at 500 messages or 5 ms;
 - *unbatched*: one task per message (`max_batch=1`), what the batching saves.
 
+With `--reconciler`, the runs take the whole path of a node instead, in two interleaved
+modes: *published*, each message first published to its room through the Redis room broker
+(the offset script, `durable=True`, as `Node.publish` does) and then stored; and
+*reconciled*, the same with the storage reconciler running beside it in this process (grace
+1 s, a pass every 0.5 s, so it verifies every room all the time: its worst case). The ratio
+of the two is what the reconciler costs.
+
 Each run stores `--messages` new messages (a fresh `msg_id` each, as many rooms as
 `--rooms`) from `--in-flight` publishers (the connections of a node), each waiting for its
 ack before sending the next, and times
@@ -53,6 +60,8 @@ POSTGRES_URL = os.environ.get(
 REDIS_URL = os.environ.get("COLLAB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 RABBITMQ_URL = os.environ.get("COLLAB_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 BENCH_REDIS_DB = 12
+# Rooms (offset script, window, storage marks) for `--reconciler`, in a database of their own.
+ROOMS_REDIS_URL = os.environ.get("COLLAB_BENCH_ROOMS_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
 @dataclass
@@ -150,6 +159,8 @@ async def one_run(
     from workers.app import create_celery_app
 
     await _pg(args.database_url, "TRUNCATE messages")
+    if mode in ("published", "reconciled"):
+        return await path_run(mode, run, count, args, broker, metrics_port)
     settings = Settings(
         env="test",
         database_url=args.database_url,
@@ -222,6 +233,111 @@ async def one_run(
     )
 
 
+async def path_run(
+    mode: str,
+    run: int,
+    count: int,
+    args: argparse.Namespace,
+    broker: IsolatedBroker,
+    metrics_port: int,
+) -> Result:
+    """Publish through the room broker, then store; the reconciler too in `reconciled`."""
+    import asyncpg
+
+    from collab.settings import Settings
+    from persistence.celery_sink import CeleryMessageSink
+    from persistence.database import create_engine, create_session_factory
+    from persistence.ledger import DatabaseLedger
+    from realtime.broker_redis import RedisBroker
+    from realtime.protocol import message_fields, utc_timestamp
+    from realtime.reconciler import Reconciler
+    from realtime.storage import StoredMessage
+    from realtime.types import UserInfo, new_msg_id
+    from workers.app import create_celery_app
+
+    settings = Settings(
+        env="test",
+        database_url=args.database_url,
+        celery_broker_url=broker.url,
+        celery_queue=broker.queue,
+        celery_broker_transport_options=broker.options,
+    )
+    sink = CeleryMessageSink(
+        create_celery_app(settings, producer=True),
+        queue_name=broker.queue,
+        max_batch=500,
+        max_delay=0.005,
+        send_timeout=30.0,
+    )
+    rooms = RedisBroker(ROOMS_REDIS_URL, node_id="bench")
+    engine = create_engine(args.database_url)
+    reconciler = Reconciler(
+        rooms, DatabaseLedger(create_session_factory(engine)), grace=1.0, interval=0.5
+    )
+    tag = uuid.uuid4().hex[:8]
+    users = [UserInfo(str(i), f"user {i}") for i in range(10)]
+
+    class Quiet:
+        def on_publication(self, publication: object) -> None: ...
+        def on_event(self, channel: str, frame: bytes, exclude_user: str | None) -> None: ...
+        def on_resubscribed(self, channels: list[str]) -> None: ...
+
+    async def publisher(first: int, step: int) -> None:
+        for n in range(first, count, step):
+            room = f"bench-{tag}-{n % args.rooms}"
+            msg_id, ts, user = new_msg_id(), utc_timestamp(), users[n % len(users)]
+            body = {"text": f"benchmark message {n}", "n": n}
+            result = await rooms.publish(
+                "room:" + room,
+                kind="message",
+                name_key="room",
+                msg_id=msg_id,
+                fields=message_fields(msg_id, None, user, body, ts),
+                durable=True,
+            )
+            await sink.store(
+                StoredMessage(msg_id, room, result.epoch, result.offset, user, body, None, ts)
+            )
+
+    before = scrape(metrics_port)
+    await rooms.start(Quiet())
+    await sink.start()
+    if mode == "reconciled":
+        reconciler.start()
+    started = time.perf_counter()
+    publishers = min(args.in_flight, count)
+    await asyncio.gather(*(publisher(i, publishers) for i in range(publishers)))
+    acked = time.perf_counter() - started
+    connection = await asyncpg.connect(_admin_dsn(args.database_url))
+    try:
+        while await connection.fetchval("SELECT count(*) FROM messages") < count:
+            if time.perf_counter() - started > args.timeout:
+                raise RuntimeError(f"{mode} run {run}: not all {count} stored in time")
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    stored = time.perf_counter() - started
+    tasks = sink.tasks_sent
+    await reconciler.close()
+    if mode == "reconciled" and reconciler.restored:
+        print(f"  (the reconciler stored {reconciler.restored} messages again)")
+    await sink.close()
+    await rooms.close()
+    await engine.dispose()
+    await asyncio.sleep(0.3)
+    after = scrape(metrics_port)
+    return Result(
+        mode=mode,
+        run=run,
+        messages=count,
+        acked_s=acked,
+        stored_s=stored,
+        tasks=tasks,
+        lag_p50=lag_quantile(before, after, 0.5),
+        lag_p99=lag_quantile(before, after, 0.99),
+    )
+
+
 def print_result(r: Result) -> None:
     print(
         f"  {r.mode:<9} run {r.run}: {r.messages:>6} messages, {r.tasks:>6} tasks, "
@@ -233,7 +349,7 @@ def print_result(r: Result) -> None:
 
 def summary(results: list[Result]) -> None:
     print("\nmedians:")
-    for mode in ("batched", "unbatched"):
+    for mode in ("batched", "unbatched", "published", "reconciled"):
         rows = [r for r in results if r.mode == mode]
         if not rows:
             continue
@@ -293,10 +409,16 @@ async def main_async(args: argparse.Namespace) -> int:
                 flush=True,
             )
             plan = [("batched", args.messages)] * args.runs
-            if args.unbatched_messages:
+            if args.reconciler:  # interleaved, so that drift on a shared machine hits both
+                plan = [
+                    (mode, args.messages)
+                    for _ in range(args.runs)
+                    for mode in ("published", "reconciled")
+                ]
+            elif args.unbatched_messages:
                 plan += [("unbatched", args.unbatched_messages)] * args.runs
             for index, (mode, count) in enumerate(plan):
-                run = index % args.runs + 1
+                run = (index // 2 if args.reconciler else index % args.runs) + 1
                 result = await one_run(mode, run, count, args, broker, metrics_port)
                 results.append(result)
                 print_result(result)
@@ -328,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rooms", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=300.0, help="per run, seconds")
+    parser.add_argument(
+        "--reconciler",
+        action="store_true",
+        help="publish through the Redis room broker first; runs with and without the reconciler",
+    )
     args = parser.parse_args(argv)
     if args.unbatched_messages is None:
         args.unbatched_messages = min(args.messages, 5000)

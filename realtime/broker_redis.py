@@ -34,15 +34,12 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import time
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -56,6 +53,7 @@ from realtime.broker import (
     StorageMark,
 )
 from realtime.broker_memory import build_frame, check_epoch, frame_head
+from realtime.redis_client import redis_client
 from realtime.types import Position, new_epoch
 
 __all__ = ["RedisBroker"]
@@ -229,15 +227,9 @@ class RedisBroker(Broker):
         self.max_unconfirmed = max(max_unconfirmed, history_window)
         self._seed = seed
         self.node_id = node_id
-        options: dict[str, Any] = {
-            "socket_timeout": _SOCKET_TIMEOUT,
-            "socket_connect_timeout": _SOCKET_TIMEOUT,
-            "retry": Retry(NoBackoff(), 0),
-            "protocol": 2,
-        }
-        if node_id:
-            options["client_name"] = "collab-" + re.sub(r"[^!-~]", "_", node_id)
-        self._client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+        self._client: aioredis.Redis = redis_client(
+            url, timeout=_SOCKET_TIMEOUT, client_name=f"collab-{node_id}" if node_id else ""
+        )
         self._db = int(self._client.connection_pool.connection_kwargs.get("db") or 0)
         self._publish_script = self._client.register_script(_PUBLISH_LUA)
         self._ensure_script = self._client.register_script(_ENSURE_LUA)
@@ -715,9 +707,15 @@ class RedisBroker(Broker):
         now = time.monotonic()
         if now - self._marked.get(channel, -_MARK_REFRESH) < _MARK_REFRESH:
             return
-        with _unavailable():
-            await self._mark_script(keys=[self._unconfirmed_key], args=[channel])
+        # Taken before the await, so that a burst into a new room marks it once, not once
+        # per publisher; given back if the mark did not reach Redis.
         self._marked[channel] = now
+        try:
+            with _unavailable():
+                await self._mark_script(keys=[self._unconfirmed_key], args=[channel])
+        except BaseException:
+            self._marked.pop(channel, None)
+            raise
         if len(self._marked) > 100_000:  # forget channels not published to lately
             cutoff = now - _MARK_REFRESH
             self._marked = {c: t for c, t in self._marked.items() if t >= cutoff}

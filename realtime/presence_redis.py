@@ -24,16 +24,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Any, cast
+from typing import cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from realtime.presence import Member, Presence, PresenceUnavailable
+from realtime.redis_client import redis_client
 from realtime.types import UserInfo
 
 __all__ = ["RedisPresence"]
@@ -154,13 +153,7 @@ def _user(entry: bytes) -> UserInfo:
 class RedisPresence(Presence):
     def __init__(self, url: str, *, timeout: float = 30.0) -> None:
         self.timeout = timeout
-        options: dict[str, Any] = {
-            "socket_timeout": _SOCKET_TIMEOUT,
-            "socket_connect_timeout": _SOCKET_TIMEOUT,
-            "retry": Retry(NoBackoff(), 0),
-            "protocol": 2,
-        }
-        self._client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+        self._client: aioredis.Redis = redis_client(url, timeout=_SOCKET_TIMEOUT)
         self._add = self._client.register_script(_ADD_LUA)
         self._remove = self._client.register_script(_REMOVE_LUA)
         self._refresh = self._client.register_script(_REFRESH_LUA)

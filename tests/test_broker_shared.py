@@ -660,3 +660,20 @@ async def test_a_seeded_epoch_starts_confirmed_up_to_its_seed(backend: Backend) 
     await publish(node.broker, room, durable=True)
     mark = await node.broker.storage_mark(room)
     assert mark is not None and (mark.epoch, mark.top, mark.stored) == ("seeded", 41, 40)
+
+
+async def test_a_burst_beyond_any_connection_pool_is_carried_out(backend: Backend) -> None:
+    """Thousands of sockets publish at once on a busy node: far more commands in flight than
+    a Redis client keeps connections. They wait for a connection; none fails."""
+    node = await backend.node()
+    rooms = [channel() for _ in range(20)]
+    results = await asyncio.gather(
+        *(publish(node.broker, rooms[i % 20], i, durable=True) for i in range(1000)),
+        *(node.broker.position(rooms[i % 20]) for i in range(200)),
+    )
+    published = [r for r in results if isinstance(r, PublishResult)]
+    assert len(published) == 1000
+    for room in rooms:
+        assert sorted(r.offset for r in published if orjson.loads(r.frame)["room"] == room[5:]) == (
+            list(range(1, 51))
+        )
