@@ -60,7 +60,8 @@ POSTGRES_URL = os.environ.get(
 REDIS_URL = os.environ.get("COLLAB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 RABBITMQ_URL = os.environ.get("COLLAB_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 BENCH_REDIS_DB = 12
-# Rooms (offset script, window, storage marks) for `--reconciler`, in a database of their own.
+# Rooms (offset script, window, storage marks) for `--reconciler`, in a database of their own
+# that each run empties first.
 ROOMS_REDIS_URL = os.environ.get("COLLAB_BENCH_ROOMS_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
@@ -270,6 +271,13 @@ async def path_run(
         send_timeout=30.0,
     )
     rooms = RedisBroker(ROOMS_REDIS_URL, node_id="bench")
+    import redis.asyncio as aioredis
+
+    scratch = aioredis.Redis.from_url(ROOMS_REDIS_URL)
+    try:  # the database is the benchmark's own: no room of an earlier run may count here
+        await scratch.flushdb()
+    finally:
+        await scratch.aclose()
     engine = create_engine(args.database_url)
     reconciler = Reconciler(
         rooms, DatabaseLedger(create_session_factory(engine)), grace=1.0, interval=0.5
