@@ -159,6 +159,8 @@ def test_development_gets_a_random_secret_and_origins_parse_from_env(
         ("COLLAB_BROKER_URL", "kafka://localhost"),
         ("COLLAB_RATE_LIMIT", "-1"),
         ("COLLAB_ENV", "staging"),
+        ("COLLAB_LOGIN_FAILURE_LIMIT", "as many as you like"),
+        ("COLLAB_PASSWORD_HASH_CONCURRENCY", "0"),
     ],
 )
 def test_cli_refuses_bad_configuration_with_a_clear_message(variable: str, value: str) -> None:

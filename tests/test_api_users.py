@@ -75,10 +75,23 @@ async def test_admin_manages_anyone(client: httpx.AsyncClient, database_url: str
     admin, _ = await user_with_token(client, "root")
     await _make_admin(client, database_url, admin["id"])
     admin_headers = await login(client, "root")
-    bob, _ = await user_with_token(client, "bob")
+    bob, bob_headers = await user_with_token(client, "bob")
     response = await client.patch(
         f"/users/{bob['id']}", json={"role": "service"}, headers=admin_headers
     )
     assert response.status_code == 200 and response.json()["role"] == "service"
+    # A token carries the role it was issued with: a new role ends the old tokens.
+    assert (await client.get("/users/me", headers=bob_headers)).status_code == 401
+    # An admin sets a password without knowing the old one (a reset), and may make accounts.
+    reset = {"password": "reset by admin"}
+    response = await client.patch(f"/users/{bob['id']}", json=reset, headers=admin_headers)
+    assert response.status_code == 200
+    await login(client, "bob", "reset by admin")
+    made = await client.post(
+        "/users",
+        json={"username": "svc", "password": "long enough", "role": "service"},
+        headers=admin_headers,
+    )
+    assert made.status_code == 201 and made.json()["role"] == "service"
     assert (await client.delete(f"/users/{bob['id']}", headers=admin_headers)).status_code == 204
     assert (await client.get(f"/users/{bob['id']}", headers=admin_headers)).status_code == 404
