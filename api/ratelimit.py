@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from typing import Any
 
 import limits
 from fastapi import HTTPException, Request, status
@@ -59,14 +60,9 @@ class AddressLimiter:
             )
 
 
-def limits_storage_url(broker_url: str) -> str | None:
-    """The `limits` storage URI for a broker URL; None for the in-process default."""
-    scheme, _, rest = broker_url.partition("://")
-    if scheme in ("redis", "rediss"):
-        return f"async+{scheme}://{rest}"
-    if scheme == "unix":
-        return f"async+redis+unix://{rest}"
-    return None
+def _limits_uri(redis_url: str) -> str:
+    scheme, _, rest = redis_url.partition("://")
+    return f"async+redis+unix://{rest}" if scheme == "unix" else f"async+{scheme}://{rest}"
 
 
 class LoginFailureLimiter:
@@ -80,16 +76,33 @@ class LoginFailureLimiter:
 
     NAMESPACE = "collab-login"
 
-    def __init__(self, limit: str, storage_url: str | None) -> None:
+    def __init__(self, limit: str, broker_url: str) -> None:
+        """Counts in Redis when `broker_url` is Redis (every node shares them), else here."""
         self.limit = limits.parse(limit)
-        self.storage: Storage = (
-            MemoryStorage()
-            if storage_url is None
-            else RedisStorage(
-                storage_url, wrap_exceptions=True, implementation="redispy", key_prefix="collab"
+        self._pool: Any = None
+        self.storage: Storage
+        if broker_url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+            import redis.asyncio as redis
+
+            # Our own pool, so the connections close with the app, and a hung Redis answers
+            # 503 within seconds instead of holding sign-ins.
+            self._pool = redis.ConnectionPool.from_url(
+                broker_url, socket_timeout=5, socket_connect_timeout=5
             )
-        )
+            self.storage = RedisStorage(
+                _limits_uri(broker_url),
+                wrap_exceptions=True,
+                implementation="redispy",
+                key_prefix="collab",
+                connection_pool=self._pool,
+            )
+        else:
+            self.storage = MemoryStorage()
         self._limiter = MovingWindowRateLimiter(self.storage)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.disconnect()
 
     @staticmethod
     def _key(username: str) -> str:

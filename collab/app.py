@@ -21,7 +21,7 @@ from sqlalchemy import text
 from starlette.types import Receive, Scope, Send
 
 from api import ROUTERS, ApiConfig, ApiContext
-from api.ratelimit import LoginFailureLimiter, limits_storage_url
+from api.ratelimit import LoginFailureLimiter
 from api.security import HashingPool
 from api.tickets import ticket_store
 from collab.metrics import NodeCollector
@@ -84,9 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             realtime=node,
             # Shared by every node when the broker is Redis, so that neither a ticket's one
             # use nor an account's sign-in limit depends on which node a request reaches.
-            login_limiter=LoginFailureLimiter(
-                settings.login_failure_limit, limits_storage_url(settings.broker_url)
-            ),
+            login_limiter=LoginFailureLimiter(settings.login_failure_limit, settings.broker_url),
             tickets=ticket_store(settings.broker_url, settings.ws_ticket_seconds),
             hashing=HashingPool(settings.password_hash_concurrency, settings.password_hash_queue),
         )
@@ -97,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await node.close()
             await app.state.api.tickets.close()
+            await app.state.api.login_limiter.close()
             await engine.dispose()
 
     app = CollabApp(

@@ -36,7 +36,7 @@ def issue_token(context: Context, user: User) -> str:
 
 def _login_limiter(context: Context) -> LoginFailureLimiter:
     if context.login_limiter is None:
-        context.login_limiter = LoginFailureLimiter(context.config.login_failure_limit, None)
+        context.login_limiter = LoginFailureLimiter(context.config.login_failure_limit, "memory://")
     return context.login_limiter
 
 
