@@ -125,11 +125,7 @@ def token_authenticator(secret: str, api: Callable[[], ApiContext]) -> Authentic
         if credential.kind == "ticket":
             if context.tickets is None:
                 return None
-            try:
-                holder = await context.tickets.redeem(credential.value)
-            except Exception:  # the ticket store (Redis) is down: refuse, never crash
-                log.warning("could not redeem a WebSocket ticket", exc_info=True)
-                return None
+            holder = await context.tickets.redeem(credential.value)
             if holder is None:
                 return None
             user_id, version = holder

@@ -127,7 +127,13 @@ class WebSocketEndpoint:
         credential = connection_credential(scope)
         user = None
         if credential is not None and len(credential.value) <= 4096:
-            user = await self.authenticate(credential)
+            try:
+                user = await self.authenticate(credential)
+            except Exception:
+                # A store behind the check (database, Redis) failed: not the client's fault,
+                # so not 4401 ("get a new token") but 1011 ("reconnect").
+                log.exception("could not check a connection's credential")
+                return int(p.CloseCode.INTERNAL_ERROR)
         if user is None:
             return int(p.CloseCode.UNAUTHORIZED)
         refusal = node.admit(user)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
+import httpx
 import pytest
 
 from api.tickets import MemoryTicketStore, RedisTicketStore, TicketStore
+from tests.processes import RedisServer, ServerProcess, require_redis_server, server_env
+from tests.security.common import ws_outcome
 from tests.services import REDIS_URL, require
+from tests.wsclient import guest_token
 
 StoreFactory = Callable[[float], TicketStore]
 
@@ -59,3 +64,26 @@ async def test_expired_unknown_and_malformed_tickets_are_refused(stores: StoreFa
     assert await store.redeem(ticket) is None
     for bad in ("", "short", "x" * 65, "a" * 43, "../../etc/passwd" + "a" * 30, "é" * 43):
         assert await store.redeem(bad) is None
+
+
+@pytest.mark.slow
+async def test_with_redis_down_tickets_answer_503_and_connects_1011(tmp_path: Path) -> None:
+    require_redis_server()
+    broker = RedisServer(tmp_path)
+    broker.start()
+    try:
+        extra = {"COLLAB_BROKER_URL": broker.url}
+        server = ServerProcess(server_env(tmp_path, extra), tmp_path / "server.log").start()
+        try:
+            token = guest_token(server.url)
+            headers = {"Authorization": f"Bearer {token}"}
+            ticket = httpx.post(f"{server.url}/auth/ws-ticket", headers=headers).json()["ticket"]
+            broker.kill()
+            # Not the client's fault: no 500 and no 4401 ("get a new token"), but come back.
+            refused = httpx.post(f"{server.url}/auth/ws-ticket", headers=headers, timeout=30)
+            assert refused.status_code == 503 and "retry-after" in refused.headers
+            assert await ws_outcome(f"{server.ws_url}/ws/chat?ticket={ticket}") == 1011
+        finally:
+            server.stop()
+    finally:
+        broker.kill()
