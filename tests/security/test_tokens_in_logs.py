@@ -4,6 +4,7 @@ had no way to connect without putting its long-lived token in a URL."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -96,9 +97,10 @@ async def test_gunicorn_logs_no_token(tmp_path: Path) -> None:
         os.kill(process.pid, signal.SIGTERM)
         assert process.wait(30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
+        # The whole group: a master killed alone leaves its workers running.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)
     assert "/ws/chat?token=[redacted]" in log_path.read_text(errors="replace")
     _assert_not_in(token, log_path)
     _assert_not_in(ticket, log_path)
