@@ -10,8 +10,9 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.ratelimit import AddressLimiter
-from api.security import InvalidToken, decode_access_token
+from api.ratelimit import AddressLimiter, LoginFailureLimiter
+from api.security import HashingPool, InvalidToken, decode_access_token
+from api.tickets import TicketStore
 from persistence.database import SessionFactory
 from persistence.models import Role, User
 from persistence.repositories import UserRepository
@@ -30,6 +31,9 @@ class ApiConfig:
     # Login and guest-token requests per second per client address, and their burst.
     auth_rate_limit: float = 5.0
     auth_rate_burst: int = 20
+    # Sign-in attempts per username without a success (the `limits` notation).
+    login_failure_limit: str = "10 per 5 minutes"
+    ws_ticket_seconds: float = 30.0
 
 
 @dataclass(slots=True)
@@ -41,6 +45,9 @@ class ApiContext:
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
     history: HistoryReader | None = None
     auth_limiter: AddressLimiter | None = None
+    login_limiter: LoginFailureLimiter | None = None
+    tickets: TicketStore | None = None
+    hashing: HashingPool | None = None
     # Realtime services the REST layer uses (presence, feed publishing); set by `collab`.
     realtime: Any = None
 
@@ -78,10 +85,21 @@ async def get_current_user(
         claims = decode_access_token(context.config.secret_key, token)
     except InvalidToken:
         raise _UNAUTHORIZED from None
-    # The user may have been deleted since the token was issued.
-    user = await UserRepository(session).get(claims.user_id)
+    user = await token_holder(session, claims.user_id, claims.version)
     if user is None:
         raise _UNAUTHORIZED
+    return user
+
+
+async def token_holder(session: AsyncSession, user_id: int, version: int) -> User | None:
+    """The account a token (or ticket) names, if it still stands behind it.
+
+    None when the account was deleted, or when its token version moved on: the password or
+    role changed since, or the id now belongs to another account.
+    """
+    user = await UserRepository(session).get(user_id)
+    if user is None or user.token_version != version:
+        return None
     return user
 
 
@@ -95,6 +113,15 @@ async def get_service_user(user: CurrentUser) -> User:
 
 
 ServiceUser = Annotated[User, Depends(get_service_user)]
+
+
+async def get_admin_user(user: CurrentUser) -> User:
+    if user.role != Role.ADMIN:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "An admin token is required")
+    return user
+
+
+AdminUser = Annotated[User, Depends(get_admin_user)]
 
 
 def limit_auth(request: Request, context: Context) -> None:

@@ -62,7 +62,12 @@ class UserCreate(Strict):
 
 class UserUpdate(Strict):
     display_name: DisplayName | None = None
-    password: Password | None = None
+    password: Password | None = Field(
+        default=None,
+        description="Needs `current_password` (unless an admin sets another user's); ends "
+        "every token issued for the account before, this request's included.",
+    )
+    current_password: Annotated[str, StringConstraints(max_length=128)] | None = None
     role: Literal["user", "service", "admin"] | None = Field(
         default=None, description="Admins only."
     )
@@ -90,6 +95,11 @@ class Token(BaseModel):
 
 class GuestToken(Token):
     user: UserOut
+
+
+class WsTicket(BaseModel):
+    ticket: str
+    expires_in: float = Field(description="Seconds the ticket stays valid; it works once.")
 
 
 class ItemCreate(Strict):

@@ -11,8 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from api import schemas
-from api.security import hash_password
-from persistence.models import Item, Role, Room, User, utcnow
+from api.security import HashingPool, hash_password, verify_password
+from persistence.models import Item, Role, Room, User, next_token_version, utcnow
 from persistence.repositories import ItemRepository, RoomRepository, UserRepository
 
 
@@ -24,15 +24,20 @@ def _may_manage(actor: User, owner_id: int) -> bool:
     return actor.id == owner_id or actor.role == Role.ADMIN
 
 
-async def register(session: AsyncSession, body: schemas.UserCreate) -> User:
+async def register(
+    session: AsyncSession,
+    body: schemas.UserCreate,
+    hashing: HashingPool | None,
+    role: Role = Role.USER,
+) -> User:
     users = UserRepository(session)
     if await users.by_username(body.username) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, "Username already taken")
     user = User(
         username=body.username,
-        password_hash=await hash_password(body.password),
+        password_hash=await hash_password(body.password, hashing),
         display_name=body.display_name or body.username,
-        role=Role.USER.value,
+        role=role.value,
         is_guest=False,
     )
     try:
@@ -65,19 +70,36 @@ async def get_user(session: AsyncSession, user_id: int) -> User:
 
 
 async def update_user(
-    session: AsyncSession, actor: User, user_id: int, body: schemas.UserUpdate
+    session: AsyncSession,
+    actor: User,
+    user_id: int,
+    body: schemas.UserUpdate,
+    hashing: HashingPool | None,
 ) -> User:
     user = await get_user(session, user_id)
     if not _may_manage(actor, user.id):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "You may only change your own account")
     if body.role is not None and actor.role != Role.ADMIN:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "Only admins may change roles")
+    if body.password is not None and actor.id == user.id:
+        # A stolen token alone must not be enough to take the account over for good.
+        if body.current_password is None:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                "Changing your password needs current_password",
+            )
+        if not await verify_password(body.current_password, user.password_hash, hashing):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "current_password is not correct")
+    role_changed = body.role is not None and body.role != user.role
     if body.display_name is not None:
         user.display_name = body.display_name
     if body.password is not None:
-        user.password_hash = await hash_password(body.password)
+        user.password_hash = await hash_password(body.password, hashing)
     if body.role is not None:
         user.role = body.role
+    if body.password is not None or role_changed:
+        # Tokens carry the role and stand for the password they were issued under: end them.
+        user.token_version = next_token_version(user.token_version)
     await session.commit()
     return user
 

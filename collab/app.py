@@ -21,6 +21,9 @@ from sqlalchemy import text
 from starlette.types import Receive, Scope, Send
 
 from api import ROUTERS, ApiConfig, ApiContext
+from api.ratelimit import LoginFailureLimiter
+from api.security import HashingPool
+from api.tickets import ticket_store
 from collab.metrics import NodeCollector
 from collab.realtime_wiring import build_node, close_with_1001_on_exit, token_authenticator
 from collab.settings import Settings
@@ -68,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 guest_access=settings.guest_access,
                 auth_rate_limit=settings.auth_rate_limit,
                 auth_rate_burst=settings.auth_rate_burst,
+                login_failure_limit=settings.login_failure_limit,
+                ws_ticket_seconds=settings.ws_ticket_seconds,
             ),
             sessions=sessions,
             readiness={
@@ -77,6 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             },
             history=DatabaseHistory(sessions),
             realtime=node,
+            # Shared by every node when the broker is Redis, so that neither a ticket's one
+            # use nor an account's sign-in limit depends on which node a request reaches.
+            login_limiter=LoginFailureLimiter(settings.login_failure_limit, settings.broker_url),
+            tickets=ticket_store(settings.broker_url, settings.ws_ticket_seconds),
+            hashing=HashingPool(settings.password_hash_concurrency, settings.password_hash_queue),
         )
         log.info("collab node %s ready (%s)", settings.node_id, settings.env)
         try:
@@ -84,6 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield
         finally:
             await node.close()
+            await app.state.api.tickets.close()
+            await app.state.api.login_limiter.close()
             await engine.dispose()
 
     app = CollabApp(
@@ -91,6 +103,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Real-time collaboration server: WebSocket rooms and feeds, and this REST API.",
         lifespan=lifespan,
+        # The API's pages say nothing secret, but production need not advertise them.
+        docs_url="/docs" if settings.serves_api_docs else None,
+        redoc_url="/redoc" if settings.serves_api_docs else None,
+        openapi_url="/openapi.json" if settings.serves_api_docs else None,
     )
     app.state.settings = settings
     registry = CollectorRegistry()
@@ -103,7 +119,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         current: Node = app.state.node
         return current
 
-    authenticate = token_authenticator(settings.secret)
+    def api_context() -> ApiContext:
+        context: ApiContext = app.state.api
+        return context
+
+    authenticate = token_authenticator(settings.secret, api_context)
     kinds: tuple[Endpoint, ...] = ("chat", "live")
     app.websocket_endpoints = {
         f"/ws/{kind}": WebSocketEndpoint(kind, node, authenticate, settings.allowed_origins)

@@ -6,7 +6,6 @@ import argparse
 import copy
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 
@@ -27,27 +26,11 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
-class RedactTokens(logging.Filter):
-    """Browsers send their token in the query string; it must not end up in access logs."""
-
-    _token = re.compile(r"(token=)[^&\s\"]+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.args and isinstance(record.args, tuple):
-            record.args = tuple(
-                self._token.sub(r"\1[redacted]", a) if isinstance(a, str) else a
-                for a in record.args
-            )
-        elif isinstance(record.msg, str):
-            record.msg = self._token.sub(r"\1[redacted]", record.msg)
-        return True
-
-
 def _log_config() -> dict[str, object]:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"redact_tokens": {"()": "collab.cli.RedactTokens"}}
+    config["filters"] = {"redact_tokens": {"()": "collab.redaction.RedactTokens"}}
     for handler in config["handlers"].values():
         handler["filters"] = ["redact_tokens"]
     return config

@@ -1,7 +1,9 @@
 """Gunicorn worker class: `uvicorn_worker.UvicornWorker` with Collab's WebSocket settings.
 
 `collab serve` passes these to uvicorn itself; under Gunicorn the worker class is the only
-place to set them (`-k collab.gunicorn_worker.CollabWorker`).
+place to set them (`-k collab.gunicorn_worker.CollabWorker`). The same goes for the filter
+that keeps tokens out of the logs: the base class hands Gunicorn's handlers to uvicorn's
+loggers, and the filter goes on them here, whatever log configuration Gunicorn was given.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Any
 
 from uvicorn_worker import UvicornWorker
 
+from collab import redaction
 from collab.settings import Settings
 
 
@@ -28,3 +31,4 @@ class CollabWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
             "timeout_graceful_shutdown": int(settings.shutdown_timeout) or None,
         }
         super().__init__(*args, **kwargs)
+        redaction.install("uvicorn.error", "uvicorn.access", "gunicorn.error", "gunicorn.access")

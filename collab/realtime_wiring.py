@@ -12,6 +12,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from api.deps import ApiContext, token_holder
 from api.schemas import ItemOut
 from api.security import InvalidToken, decode_access_token
 from collab.settings import Settings
@@ -21,7 +22,7 @@ from persistence.ledger import DatabaseLedger
 from persistence.repositories import ItemRepository
 from persistence.sink import DatabaseSink
 from realtime.broker import Broker
-from realtime.endpoints import Authenticator
+from realtime.endpoints import Authenticator, Credential
 from realtime.node import ROOM, Node, NodeLimits, presence_entry_ttl
 from realtime.presence import Presence
 from realtime.protocol import CloseCode
@@ -132,13 +133,28 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
     )
 
 
-def token_authenticator(secret: str) -> Authenticator:
-    async def authenticate(token: str) -> UserInfo | None:
-        try:
-            claims = decode_access_token(secret, token)
-        except InvalidToken:
-            return None
-        return UserInfo(id=str(claims.user_id), name=claims.name)
+def token_authenticator(secret: str, api: Callable[[], ApiContext]) -> Authenticator:
+    """Tickets and tokens, checked as the REST API checks them: the account must still
+    exist with the token version the credential was issued under."""
+
+    async def authenticate(credential: Credential) -> UserInfo | None:
+        context = api()
+        if credential.kind == "ticket":
+            if context.tickets is None:
+                return None
+            holder = await context.tickets.redeem(credential.value)
+            if holder is None:
+                return None
+            user_id, version = holder
+        else:
+            try:
+                claims = decode_access_token(secret, credential.value)
+            except InvalidToken:
+                return None
+            user_id, version = claims.user_id, claims.version
+        async with context.sessions() as session:
+            user = await token_holder(session, user_id, version)
+        return UserInfo(id=str(user.id), name=user.display_name) if user is not None else None
 
     return authenticate
 

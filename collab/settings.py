@@ -48,6 +48,17 @@ class Settings(BaseSettings):
     # Login, registration and guest-token requests per second per client address.
     auth_rate_limit: float = Field(default=5.0, gt=0)
     auth_rate_burst: int = Field(default=20, ge=1)
+    # Sign-in attempts on one username without a success, shared by every node through Redis
+    # when the broker is Redis (the `limits` notation: "10 per 5 minutes", "20/hour").
+    login_failure_limit: str = "10 per 5 minutes"
+    # Argon2 hashes (64 MiB each) one process runs at once, and how many more may wait; a
+    # request beyond both gets 503 with Retry-After.
+    password_hash_concurrency: int = Field(default=2, ge=1, le=64)
+    password_hash_queue: int = Field(default=16, ge=0, le=10_000)
+    # How long a WebSocket connection ticket (POST /auth/ws-ticket) stays valid; it works once.
+    ws_ticket_seconds: float = Field(default=30.0, ge=1, le=300)
+    # The REST API's pages (/docs, /redoc, /openapi.json); unset: on except in production.
+    api_docs: bool | None = None
     presence_timeout: float = Field(default=30.0, gt=0, le=3600)
     rate_limit: float = Field(default=20.0, gt=0)
     rate_burst: int = Field(default=50, ge=1)
@@ -89,12 +100,25 @@ class Settings(BaseSettings):
     max_unconfirmed: int = Field(default=100_000, ge=1, le=10_000_000)
     # When set, `collab worker` serves Prometheus metrics (batch size, lag) on this port.
     celery_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # The address that port listens on: loopback unless a scraper elsewhere needs it.
+    celery_metrics_address: str = Field(default="127.0.0.1", min_length=1, max_length=255)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("login_failure_limit")
+    @classmethod
+    def _rate_limit_notation(cls, value: str) -> str:
+        import limits
+
+        try:
+            limits.parse(value)
+        except ValueError:
+            raise ValueError('must be a rate such as "10 per 5 minutes" or "20/hour"') from None
         return value
 
     @field_validator("database_url", "broker_url")
@@ -171,6 +195,10 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def serves_api_docs(self) -> bool:
+        return self.env != "production" if self.api_docs is None else self.api_docs
 
     @property
     def should_auto_migrate(self) -> bool:

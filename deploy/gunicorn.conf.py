@@ -16,7 +16,13 @@ workers = int(os.environ.get("COLLAB_WORKERS", multiprocessing.cpu_count()))
 timeout = 60
 graceful_timeout = int(os.environ.get("COLLAB_SHUTDOWN_TIMEOUT", "10")) + 5
 keepalive = 5
-# The proxy in front (NGINX) sets X-Forwarded-*; trust only it.
+# The proxy in front (NGINX) sets X-Forwarded-*; trust only it. The address a request is
+# rate-limited under comes from there, so trusting anyone ("*") lets every client pick its own.
 forwarded_allow_ips = os.environ.get("COLLAB_FORWARDED_ALLOW_IPS", "127.0.0.1")
+if "*" in [part.strip() for part in forwarded_allow_ips.split(",")]:
+    raise SystemExit(
+        "COLLAB_FORWARDED_ALLOW_IPS must name the proxy's addresses, not '*': any client could "
+        "then choose the address it is rate-limited under"
+    )
 accesslog = "-"
 errorlog = "-"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
@@ -75,8 +77,20 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
 
 
+def new_token_version() -> int:
+    """A random start rather than 0: should an id ever be handed out twice (a restored backup,
+    a reset sequence), the new account still refuses the old account's tokens."""
+    return secrets.randbelow(2**31 - 2) + 1
+
+
+def next_token_version(current: int) -> int:
+    return current % (2**31 - 1) + 1
+
+
 class User(Base):
     __tablename__ = "users"
+    # AUTOINCREMENT: SQLite otherwise hands a deleted user's id to the next new user.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
@@ -85,6 +99,11 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16), default=Role.USER.value)
     is_guest: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Carried in every token and compared on every request and WebSocket connect; bumped when
+    # the password or role changes, which ends every token issued before.
+    token_version: Mapped[int] = mapped_column(
+        Integer, default=new_token_version, server_default=text("0")
+    )
 
 
 class Item(Base):

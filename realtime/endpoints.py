@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from realtime import protocol as p
@@ -22,7 +23,18 @@ from realtime.types import UserInfo
 
 log = logging.getLogger("collab.realtime")
 
-Authenticator = Callable[[str], Awaitable[UserInfo | None]]
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What a client showed to connect: a one-use `ticket` (`?ticket=`), or a bearer `token`
+    (`Authorization: Bearer`, or `?token=`, the weaker option: a URL ends up in logs)."""
+
+    kind: Literal["ticket", "token"]
+    value: str
+
+
+# Who the credential belongs to, or None to refuse it; implemented outside this package.
+Authenticator = Callable[[Credential], Awaitable[UserInfo | None]]
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -38,19 +50,21 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def bearer_token(scope: Scope) -> str | None:
-    """The token from `?token=` (what a browser can send) or `Authorization: Bearer`."""
+def connection_credential(scope: Scope) -> Credential | None:
+    """`?ticket=`, else `?token=`, else `Authorization: Bearer`."""
     raw: bytes = scope.get("query_string", b"")
     try:
         query = parse_qs(raw.decode("latin-1"), max_num_fields=20)
     except ValueError:  # more fields than any client of ours sends
         query = {}
-    tokens = query.get("token")
-    if tokens and tokens[0]:
-        return tokens[0]
+    for kind in ("ticket", "token"):
+        values = query.get(kind)
+        if values and values[0]:
+            return Credential("ticket" if kind == "ticket" else "token", values[0])
     header = _header(scope, b"authorization")
     if header and header[:7].lower() == "bearer ":
-        return header[7:].strip() or None
+        token = header[7:].strip()
+        return Credential("token", token) if token else None
     return None
 
 
@@ -110,8 +124,16 @@ class WebSocketEndpoint:
     async def _refusal(self, scope: Scope, node: Node) -> UserInfo | int:
         if not origin_allowed(scope, self.allowed_origins):
             return int(p.CloseCode.FORBIDDEN_ORIGIN)
-        token = bearer_token(scope)
-        user = await self.authenticate(token) if token and len(token) <= 4096 else None
+        credential = connection_credential(scope)
+        user = None
+        if credential is not None and len(credential.value) <= 4096:
+            try:
+                user = await self.authenticate(credential)
+            except Exception:
+                # A store behind the check (database, Redis) failed: not the client's fault,
+                # so not 4401 ("get a new token") but 1011 ("reconnect").
+                log.exception("could not check a connection's credential")
+                return int(p.CloseCode.INTERNAL_ERROR)
         if user is None:
             return int(p.CloseCode.UNAUTHORIZED)
         refusal = node.admit(user)

@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import jwt
 import pytest
 
 from api.security import create_access_token
@@ -72,15 +73,28 @@ async def test_protected_routes_refuse_bad_tokens(
 async def test_expired_and_foreign_tokens_are_refused(client: httpx.AsyncClient) -> None:
     user = await register(client, "ann")
     user_id = int(str(user["id"]))
+    issued = (await login(client, "ann"))["Authorization"].removeprefix("Bearer ")
+    version = jwt.decode(issued, options={"verify_signature": False})["ver"]
     past = datetime.now(UTC) - timedelta(days=2)
-    expired = create_access_token(
-        TEST_SECRET, user_id=user_id, name="ann", role="user", minutes=60, now=past
-    )
+    ann = {"user_id": user_id, "name": "ann", "minutes": 60}
+    expired = create_access_token(TEST_SECRET, **ann, role="user", version=version, now=past)
     foreign = create_access_token(
-        "another-secret-" + "y" * 40, user_id=user_id, name="ann", role="admin", minutes=60
+        "another-secret-" + "y" * 40, **ann, role="admin", version=version
     )
-    fresh = create_access_token(TEST_SECRET, user_id=user_id, name="ann", role="user", minutes=60)
-    for token, status in ((expired, 401), (foreign, 401), (fresh, 200)):
+    stale = create_access_token(TEST_SECRET, **ann, role="user", version=version + 1)
+    unversioned = jwt.encode(
+        {**jwt.decode(issued, options={"verify_signature": False}), "ver": None},
+        TEST_SECRET,
+        algorithm="HS256",
+    )
+    fresh = create_access_token(TEST_SECRET, **ann, role="user", version=version)
+    for token, status in (
+        (expired, 401),
+        (foreign, 401),
+        (stale, 401),
+        (unversioned, 401),
+        (fresh, 200),
+    ):
         response = await client.get("/users/me", headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == status
 
@@ -145,6 +159,8 @@ def test_development_gets_a_random_secret_and_origins_parse_from_env(
         ("COLLAB_BROKER_URL", "kafka://localhost"),
         ("COLLAB_RATE_LIMIT", "-1"),
         ("COLLAB_ENV", "staging"),
+        ("COLLAB_LOGIN_FAILURE_LIMIT", "as many as you like"),
+        ("COLLAB_PASSWORD_HASH_CONCURRENCY", "0"),
     ],
 )
 def test_cli_refuses_bad_configuration_with_a_clear_message(variable: str, value: str) -> None:

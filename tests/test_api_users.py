@@ -20,10 +20,16 @@ async def _make_admin(client: httpx.AsyncClient, settings_url: str, user_id: obj
         await engine.dispose()
 
 
-async def test_list_users_is_paginated(client: httpx.AsyncClient) -> None:
-    _, headers = await user_with_token(client, "ann")
+async def test_list_users_is_paginated_and_for_admins(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    ann, _ = await user_with_token(client, "ann")
+    await _make_admin(client, database_url, ann["id"])
+    headers = await login(client, "ann")
     for name in ("bob", "cid", "dan"):
         await register(client, name)
+    bob_headers = await login(client, "bob")
+    assert (await client.get("/users", headers=bob_headers)).status_code == 403
     page = (await client.get("/users?limit=2&offset=1", headers=headers)).json()
     assert page["total"] == 4
     assert [u["username"] for u in page["items"]] == ["bob", "cid"]
@@ -48,10 +54,17 @@ async def test_users_change_only_themselves(client: httpx.AsyncClient) -> None:
     assert (
         await client.patch(f"/users/{bob['id']}", json={"role": "admin"}, headers=bob_headers)
     ).status_code == 403
-    # A password change takes effect.
-    await client.patch(
-        f"/users/{bob['id']}", json={"password": "new password!"}, headers=bob_headers
-    )
+    # A password change needs the current one, takes effect, and ends older tokens.
+    change = {"password": "new password!"}
+    response = await client.patch(f"/users/{bob['id']}", json=change, headers=bob_headers)
+    assert response.status_code == 422
+    wrong = {**change, "current_password": "not it at all"}
+    response = await client.patch(f"/users/{bob['id']}", json=wrong, headers=bob_headers)
+    assert response.status_code == 403
+    right = {**change, "current_password": "correct horse"}
+    response = await client.patch(f"/users/{bob['id']}", json=right, headers=bob_headers)
+    assert response.status_code == 200
+    assert (await client.get("/users/me", headers=bob_headers)).status_code == 401
     await login(client, "bob", "new password!")
     assert (await client.get("/users/999999", headers=ann_headers)).status_code == 404
     assert (await client.get("/users/0", headers=ann_headers)).status_code == 422
@@ -62,10 +75,23 @@ async def test_admin_manages_anyone(client: httpx.AsyncClient, database_url: str
     admin, _ = await user_with_token(client, "root")
     await _make_admin(client, database_url, admin["id"])
     admin_headers = await login(client, "root")
-    bob, _ = await user_with_token(client, "bob")
+    bob, bob_headers = await user_with_token(client, "bob")
     response = await client.patch(
         f"/users/{bob['id']}", json={"role": "service"}, headers=admin_headers
     )
     assert response.status_code == 200 and response.json()["role"] == "service"
+    # A token carries the role it was issued with: a new role ends the old tokens.
+    assert (await client.get("/users/me", headers=bob_headers)).status_code == 401
+    # An admin sets a password without knowing the old one (a reset), and may make accounts.
+    reset = {"password": "reset by admin"}
+    response = await client.patch(f"/users/{bob['id']}", json=reset, headers=admin_headers)
+    assert response.status_code == 200
+    await login(client, "bob", "reset by admin")
+    made = await client.post(
+        "/users",
+        json={"username": "svc", "password": "long enough", "role": "service"},
+        headers=admin_headers,
+    )
+    assert made.status_code == 201 and made.json()["role"] == "service"
     assert (await client.delete(f"/users/{bob['id']}", headers=admin_headers)).status_code == 204
     assert (await client.get(f"/users/{bob['id']}", headers=admin_headers)).status_code == 404

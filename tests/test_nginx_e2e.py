@@ -65,6 +65,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         NGINX_HTTPS_PORT=str(https_port),
         NGINX_CERT=str(cert),
         NGINX_KEY=str(key),
+        NGINX_ACCESS_LOG=str(folder / "access.log"),
+        NGINX_WS_CONNECTIONS_PER_ADDRESS="100",
     )
     (folder / "collab.conf").write_text(rendered)
     (folder / "nginx.conf").write_text(

@@ -118,7 +118,7 @@ def create_worker_app(settings: Settings) -> Any:
     from workers.metrics import setup_metrics
     from workers.tasks import register
 
-    setup_metrics(settings.celery_metrics_port)
+    setup_metrics(settings.celery_metrics_port, settings.celery_metrics_address)
     app = create_celery_app(settings)
     register(app, settings)
     options = app.conf.broker_transport_options

@@ -110,8 +110,11 @@ def metrics() -> WorkerMetrics:
         return _metrics
 
 
-def setup_metrics(port: int | None) -> None:
-    """Serve the metrics on `port` from the worker's main process; nothing when None.
+def setup_metrics(port: int | None, address: str = "127.0.0.1") -> None:
+    """Serve the metrics on `address`:`port` from the worker's main process; nothing when None.
+
+    Loopback by default: the metrics name queues and volumes, and a worker host is rarely
+    meant to answer strangers; an operator whose scraper runs elsewhere sets the address.
 
     Must run before the first metric is created (values then go to the multiprocess files)
     and before the pool forks.
@@ -134,8 +137,8 @@ def setup_metrics(port: int | None) -> None:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
-        start_http_server(port, registry=registry)
-        log.info("worker metrics on port %d", port)
+        start_http_server(port, addr=address, registry=registry)
+        log.info("worker metrics on %s port %d", address, port)
 
     def forget_process(**_: object) -> None:
         multiprocess.mark_process_dead(os.getpid(), folder)  # type: ignore[no-untyped-call]

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.security import OAuth2PasswordRequestForm
 
 from api import schemas, services
-from api.deps import AuthRateLimit, Context, SessionDep
+from api.deps import AuthRateLimit, Context, CurrentUser, SessionDep
+from api.ratelimit import LoginFailureLimiter
 from api.security import create_access_token, verify_password
 from persistence.models import User
 from persistence.repositories import UserRepository
@@ -15,7 +16,10 @@ router = APIRouter(
     prefix="/auth",
     tags=["auth"],
     dependencies=[AuthRateLimit],
-    responses={429: {"description": "Too many requests from this address"}},
+    responses={
+        429: {"description": "Too many requests from this address, or sign-ins for this account"},
+        503: {"description": "Too many password checks at once, or a backend is down; retry"},
+    },
 )
 
 
@@ -25,13 +29,21 @@ def issue_token(context: Context, user: User) -> str:
         user_id=user.id,
         name=user.display_name,
         role=user.role,
+        version=user.token_version,
         minutes=context.config.access_token_minutes,
     )
 
 
+def _login_limiter(context: Context) -> LoginFailureLimiter:
+    if context.login_limiter is None:
+        context.login_limiter = LoginFailureLimiter(context.config.login_failure_limit, "memory://")
+    return context.login_limiter
+
+
 @router.post("/register", status_code=status.HTTP_201_CREATED, response_model=schemas.UserOut)
-async def register(body: schemas.UserCreate, session: SessionDep) -> User:
-    return await services.register(session, body)
+async def register(body: schemas.UserCreate, context: Context, session: SessionDep) -> User:
+    """The one way to make an account without an admin; limited per client address."""
+    return await services.register(session, body, context.hashing)
 
 
 @router.post("/token", response_model=schemas.Token)
@@ -39,16 +51,19 @@ async def token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()], context: Context, session: SessionDep
 ) -> schemas.Token:
     """OAuth2 password flow: a form with `username` and `password`."""
+    limiter = _login_limiter(context)
+    await limiter.attempt(form.username)
     user = None
     if len(form.username) <= 64 and len(form.password) <= 128:
         user = await UserRepository(session).by_username(form.username)
     hashed = user.password_hash if user is not None else None
-    if user is None or not await verify_password(form.password[:128], hashed):
+    if user is None or not await verify_password(form.password[:128], hashed, context.hashing):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "Incorrect username or password",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    await limiter.succeeded(form.username)
     return schemas.Token(access_token=issue_token(context, user))
 
 
@@ -63,3 +78,23 @@ async def guest(
     return schemas.GuestToken(
         access_token=issue_token(context, user), user=schemas.UserOut.model_validate(user)
     )
+
+
+@router.post("/ws-ticket", response_model=schemas.WsTicket)
+async def ws_ticket(user: CurrentUser, context: Context) -> schemas.WsTicket:
+    """A one-use ticket to open one WebSocket (`/ws/chat?ticket=...`), valid for seconds.
+
+    What a browser should put in a WebSocket URL instead of its token: URLs are logged, and a
+    logged ticket is already used or expired.
+    """
+    if context.tickets is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Tickets are not available")
+    try:
+        ticket = await context.tickets.issue(user.id, user.token_version)
+    except Exception as exc:  # the ticket store (Redis) is unreachable
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "Cannot issue a ticket right now; try again shortly",
+            headers={"Retry-After": "5"},
+        ) from exc
+    return schemas.WsTicket(ticket=ticket, expires_in=context.tickets.ttl)

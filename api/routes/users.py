@@ -1,3 +1,11 @@
+"""Accounts. Who may do what (SECURITY.md says the same):
+
+- `POST /users` and `GET /users` (the whole list, with roles) are for admins; anyone else
+  makes an account through `POST /auth/register`, the one rate-limited way in.
+- `GET /users/me` and `GET /users/{id}` for any signed-in user (a member list needs names).
+- `PATCH` and `DELETE` for the account itself or an admin.
+"""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -5,8 +13,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response, status
 
 from api import schemas, services
-from api.deps import CurrentUser, SessionDep
-from persistence.models import User
+from api.deps import AdminUser, Context, CurrentUser, SessionDep
+from persistence.models import Role, User
 from persistence.repositories import UserRepository
 
 router = APIRouter(prefix="/users", tags=["users"])
@@ -15,14 +23,24 @@ Limit = Annotated[int, Query(ge=1, le=200)]
 Offset = Annotated[int, Query(ge=0, le=10**9)]
 
 
+class AdminUserCreate(schemas.UserCreate):
+    role: Role = Role.USER
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.UserOut)
-async def create_user(body: schemas.UserCreate, session: SessionDep) -> User:
-    return await services.register(session, body)
+async def create_user(
+    body: AdminUserCreate, context: Context, session: SessionDep, _admin: AdminUser
+) -> User:
+    """Admins only: an account of any role. Everyone else uses `POST /auth/register`."""
+    user_fields = body.model_dump(exclude={"role"})
+    return await services.register(
+        session, schemas.UserCreate(**user_fields), context.hashing, body.role
+    )
 
 
 @router.get("", response_model=schemas.Page[schemas.UserOut])
 async def list_users(
-    session: SessionDep, _user: CurrentUser, limit: Limit = 50, offset: Offset = 0
+    session: SessionDep, _admin: AdminUser, limit: Limit = 50, offset: Offset = 0
 ) -> schemas.Page[schemas.UserOut]:
     users, total = await UserRepository(session).page(limit, offset)
     return schemas.Page(items=[schemas.UserOut.model_validate(u) for u in users], total=total)
@@ -40,9 +58,13 @@ async def read_user(user_id: UserId, session: SessionDep, _user: CurrentUser) ->
 
 @router.patch("/{user_id}", response_model=schemas.UserOut)
 async def update_user(
-    user_id: UserId, body: schemas.UserUpdate, session: SessionDep, user: CurrentUser
+    user_id: UserId,
+    body: schemas.UserUpdate,
+    context: Context,
+    session: SessionDep,
+    user: CurrentUser,
 ) -> User:
-    return await services.update_user(session, user, user_id, body)
+    return await services.update_user(session, user, user_id, body, context.hashing)
 
 
 @router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -1,12 +1,14 @@
 // Collab's browser client: one WebSocket, replies matched by id, automatic reconnect with
 // backoff, and loss-free recovery: it remembers each room's (epoch, offset) and rejoins with
 // `since`, and re-sends unacknowledged publishes with the same client_msg_id.
-// Protocol: PROTOCOL.md (version 1).
+// Protocol: PROTOCOL.md (version 1). The token never goes into a URL: before each connect the
+// client trades it for a one-use ticket (POST /auth/ws-ticket), and the URL carries that.
 
 export class CollabSocket extends EventTarget {
   constructor(url, { token, endpoint = "chat" } = {}) {
     super();
-    this.base = url.replace(/^http/, "ws").replace(/\/$/, "");
+    this.httpBase = url.replace(/^ws/, "http").replace(/\/$/, "");
+    this.base = this.httpBase.replace(/^http/, "ws");
     this.endpoint = endpoint;
     this.token = token;
     this.nextId = 1;
@@ -19,8 +21,21 @@ export class CollabSocket extends EventTarget {
     this.connect();
   }
 
-  connect() {
-    const url = `${this.base}/ws/${this.endpoint}?token=${encodeURIComponent(this.token)}`;
+  async connect() {
+    let ticket;
+    try {
+      ticket = await wsTicket(this.httpBase, this.token);
+    } catch (error) {
+      // 401: the token is no good (expired, or its password changed); anything else may pass.
+      if (error.status === 401) {
+        this.emit("close", { code: 4401, reason: "token refused" });
+        return;
+      }
+      this.onClose({ code: 1006, reason: String(error) });
+      return;
+    }
+    if (this.closedByUser) return;
+    const url = `${this.base}/ws/${this.endpoint}?ticket=${encodeURIComponent(ticket)}`;
     const ws = new WebSocket(url);
     this.ws = ws;
     ws.onmessage = (event) => this.onFrame(JSON.parse(event.data));
@@ -145,6 +160,15 @@ export class CollabSocket extends EventTarget {
   emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
+}
+
+export async function wsTicket(httpBase, token) {
+  const response = await fetch(`${httpBase}/auth/ws-ticket`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token}` },
+  });
+  if (!response.ok) throw Object.assign(new Error(`ws ticket: ${response.status}`), { status: response.status });
+  return (await response.json()).ticket;
 }
 
 export async function guestToken(name) {
