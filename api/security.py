@@ -30,6 +30,8 @@ class TokenClaims:
     user_id: int
     name: str
     role: str
+    # Unix seconds (the `exp` claim): open WebSockets close then unless refreshed.
+    expires_at: float | None = None
 
 
 async def hash_password(password: str) -> str:
@@ -76,4 +78,6 @@ def decode_access_token(secret: str, token: str) -> TokenClaims:
         raise InvalidToken("not an access token")
     if not isinstance(name, str) or not isinstance(role, str) or len(sub) > 18:
         raise InvalidToken("malformed claims")
-    return TokenClaims(user_id=int(sub), name=name, role=role)
+    exp = claims.get("exp")
+    expires_at = float(exp) if isinstance(exp, int | float) else None
+    return TokenClaims(user_id=int(sub), name=name, role=role, expires_at=expires_at)

@@ -89,9 +89,11 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
     broker, presence = build_backends(settings, history)
 
     async def items_snapshot() -> list[dict[str, Any]]:
+        # The newest items, oldest of them first: a dashboard that reconnects must see what
+        # changed last, and the node cuts from the front when the list is over a reply's size.
         async with sessions() as session:
-            items = await ItemRepository(session).all(ITEMS_SNAPSHOT_LIMIT)
-            return [ItemOut.model_validate(i).model_dump(mode="json") for i in items]
+            items = await ItemRepository(session).newest(ITEMS_SNAPSHOT_LIMIT)
+            return [ItemOut.model_validate(i).model_dump(mode="json") for i in reversed(items)]
 
     return Node(
         node_id=settings.node_id,
@@ -110,6 +112,10 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
             outgoing_queue_bytes=settings.outgoing_queue_bytes,
             heartbeat=settings.heartbeat,
             presence_timeout=settings.presence_timeout,
+            max_reply_bytes=settings.max_reply_bytes,
+            max_channels_per_connection=settings.max_channels_per_connection,
+            public_feeds=tuple(settings.public_feeds),
+            max_backlog_bytes=settings.recovery_backlog_bytes,
         ),
         snapshots={"items": items_snapshot},
     )
@@ -121,7 +127,9 @@ def token_authenticator(secret: str) -> Authenticator:
             claims = decode_access_token(secret, token)
         except InvalidToken:
             return None
-        return UserInfo(id=str(claims.user_id), name=claims.name)
+        return UserInfo(
+            id=str(claims.user_id), name=claims.name, role=claims.role, expires_at=claims.expires_at
+        )
 
     return authenticate
 

@@ -6,6 +6,7 @@ to `create_app`, so one process can host several differently configured apps.
 
 from __future__ import annotations
 
+import re
 import secrets
 import socket
 from typing import Annotated, Any, Literal
@@ -57,6 +58,17 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=10_000, ge=1)
     heartbeat: float = Field(default=25.0, gt=0, le=3600)
     outgoing_queue_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # The most one reply may hold (a history page, a join's `missed`, a feed snapshot); never
+    # more than the outgoing queue, which it counts against.
+    max_reply_bytes: int = Field(default=512 * 1024, ge=64 * 1024)
+    # Rooms and feeds one WebSocket may have joined at once (too_many_channels past it).
+    max_channels_per_connection: int = Field(default=128, ge=1, le=100_000)
+    # Feeds any authenticated user may subscribe to: names, or prefixes ending in `*`
+    # (comma-separated). Every other feed is for service and admin tokens only.
+    public_feeds: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["items", "stats"])
+    # Bytes a room or feed may hold while this node recovers a gap in its stream; past it,
+    # its members are closed (1011) and recover on reconnect.
+    recovery_backlog_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     history_window: int = Field(default=1000, ge=0)
     shutdown_timeout: float = Field(default=10.0, ge=0)
     auto_migrate: bool | None = Field(
@@ -85,6 +97,20 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("public_feeds", mode="before")
+    @classmethod
+    def _split_feeds(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for rule in value:
+                name = rule[:-1] if isinstance(rule, str) and rule.endswith("*") else rule
+                if not isinstance(name, str) or (
+                    name and not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", name)
+                ):
+                    raise ValueError(f"not a feed name or prefix (name or prefix*): {rule!r}")
         return value
 
     @field_validator("database_url", "broker_url")

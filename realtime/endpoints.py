@@ -23,6 +23,7 @@ from realtime.types import UserInfo
 log = logging.getLogger("collab.realtime")
 
 Authenticator = Callable[[str], Awaitable[UserInfo | None]]
+"""A token to the user it names (with the token's role and expiry), or None when invalid."""
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -104,6 +105,7 @@ class WebSocketEndpoint:
         conn.reply(node.connect(conn))
         try:
             await self._serve(node, conn, receive)
+            await conn.wait_closed()
         finally:
             await node.disconnect(conn)
 
@@ -148,10 +150,14 @@ class WebSocketEndpoint:
 
     async def _command(self, node: Node, conn: Connection, data: str | bytes) -> None:
         command_id: p.CommandId = None
+        reply: bytes | None
         try:
             command = p.parse_command(data, self.kind, max_body_bytes=node.limits.max_body_bytes)
             command_id = command.id
-            reply = await node.handle(conn, command)
+            if isinstance(command, p.Refresh):
+                reply = node.refresh(conn, command, await self.authenticate(command.token))
+            else:
+                reply = await node.handle(conn, command)
         except p.ProtocolError as exc:
             reply = exc.frame()
         except _UNAVAILABLE as exc:

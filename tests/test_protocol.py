@@ -768,6 +768,8 @@ def test_error_codes_and_explanations() -> None:
         "forbidden",
         "not_joined",
         "too_large",
+        "too_many_channels",
+        "unauthorized",
         "rate_limited",
         "unavailable",
         "internal",

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
 
 from api import schemas, services
-from api.deps import CurrentUser, SessionDep
+from api.deps import Context, CurrentUser, SessionDep
 from persistence.models import User
 from persistence.repositories import UserRepository
 
+log = logging.getLogger("collab.api")
 router = APIRouter(prefix="/users", tags=["users"])
 UserId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Limit = Annotated[int, Query(ge=1, le=200)]
@@ -46,6 +48,18 @@ async def update_user(
 
 
 @router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_user(user_id: UserId, session: SessionDep, user: CurrentUser) -> Response:
+async def delete_user(
+    user_id: UserId, session: SessionDep, user: CurrentUser, context: Context
+) -> Response:
     await services.delete_user(session, user, user_id)
+    # Tokens issued before stay valid until they expire; sockets opened with them must not.
+    if context.realtime is not None:
+        from realtime.broker import BrokerUnavailable
+
+        try:
+            await context.realtime.disconnect_user(str(user_id))
+        except BrokerUnavailable:
+            log.warning(
+                "user %s deleted; other nodes could not be told to close its sockets", user_id
+            )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
