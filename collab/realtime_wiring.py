@@ -26,12 +26,15 @@ from realtime.presence import Presence
 from realtime.protocol import CloseCode
 from realtime.storage import MessageSink
 from realtime.types import Position, UserInfo
+from realtime.user_connections import UserConnections
 
 log = logging.getLogger("collab")
 ITEMS_SNAPSHOT_LIMIT = 1000
 
 
-def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker, Presence]:
+def build_backends(
+    settings: Settings, history: DatabaseHistory
+) -> tuple[Broker, Presence, UserConnections]:
     scheme = settings.broker_url.split("://", 1)[0]
     if scheme == "memory":
         from realtime.broker_memory import MemoryBroker
@@ -48,10 +51,12 @@ def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker
         return (
             MemoryBroker(history_window=max(settings.history_window, 1), seed=seed),
             MemoryPresence(timeout=presence_entry_ttl(settings.presence_timeout)),
+            UserConnections(),  # one node: the hub's own count is the whole count
         )
     if scheme in ("redis", "rediss", "unix"):
         from realtime.broker_redis import RedisBroker
         from realtime.presence_redis import RedisPresence
+        from realtime.user_connections_redis import RedisUserConnections
 
         return (
             RedisBroker(
@@ -61,6 +66,11 @@ def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker
             ),
             RedisPresence(
                 settings.broker_url, timeout=presence_entry_ttl(settings.presence_timeout)
+            ),
+            # Refreshed with presence, and as short-lived: a dead node's sockets stop
+            # counting against their users within the presence timeout.
+            RedisUserConnections(
+                settings.broker_url, ttl=presence_entry_ttl(settings.presence_timeout)
             ),
         )
     raise ValueError(f"COLLAB_BROKER_URL: unsupported scheme {scheme!r} (memory://, redis://)")
@@ -86,7 +96,7 @@ def build_sink(settings: Settings, sessions: SessionFactory) -> MessageSink:
 
 def build_node(settings: Settings, sessions: SessionFactory) -> Node:
     history = DatabaseHistory(sessions)
-    broker, presence = build_backends(settings, history)
+    broker, presence, user_connections = build_backends(settings, history)
 
     async def items_snapshot() -> list[dict[str, Any]]:
         # The newest items, oldest of them first: a dashboard that reconnects must see what
@@ -118,6 +128,7 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
             max_backlog_bytes=settings.recovery_backlog_bytes,
         ),
         snapshots={"items": items_snapshot},
+        user_connections=user_connections,
     )
 
 

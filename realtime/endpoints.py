@@ -91,10 +91,21 @@ class WebSocketEndpoint:
             await send({"type": "websocket.close", "code": refusal, "reason": reason})
             return
         user = refusal
-        await send({"type": "websocket.accept"})
+        conn_id = new_conn_id(node.node_id)
+        cluster_refusal = await node.claim(user, conn_id)
+        try:
+            await send({"type": "websocket.accept"})
+        except BaseException:
+            if cluster_refusal is None:
+                await node.release(user, conn_id)
+            raise
+        if cluster_refusal is not None:
+            reason = p.CLOSE_REASONS[cluster_refusal]
+            await send({"type": "websocket.close", "code": int(cluster_refusal), "reason": reason})
+            return
         limits = node.limits
         conn = Connection(
-            new_conn_id(node.node_id),
+            conn_id,
             user,
             send,
             max_queue_bytes=limits.outgoing_queue_bytes,

@@ -27,6 +27,7 @@ from realtime.presence import Member, Presence, PresenceUnavailable
 from realtime.storage import HistoryReader, MessageSink, RoomAccess, SinkUnavailable, StoredMessage
 from realtime.transport import Outbox
 from realtime.types import Position, UserInfo, new_msg_id
+from realtime.user_connections import UserConnections, UserConnectionsUnavailable
 
 log = logging.getLogger("collab.realtime")
 
@@ -111,6 +112,7 @@ class Node:
         access: RoomAccess,
         limits: NodeLimits | None = None,
         snapshots: dict[str, SnapshotProvider] | None = None,
+        user_connections: UserConnections | None = None,
     ) -> None:
         self.node_id = node_id
         self.broker = broker
@@ -120,6 +122,8 @@ class Node:
         self.access = access
         self.limits = limits or NodeLimits()
         self.snapshots = snapshots or {}
+        # Per user across the cluster; the hub counts per node.
+        self.user_connections = user_connections or UserConnections()
         self.hub = Hub(
             broker,
             max_pending_bytes=self.limits.outgoing_queue_bytes,
@@ -142,6 +146,7 @@ class Node:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.user_connections.start()
         await self.presence.start()
         await self.sink.start()
         await self.broker.start(self.hub)
@@ -167,6 +172,7 @@ class Node:
         await self.sink.close()
         await self.broker.close()
         await self.presence.close()
+        await self.user_connections.close()
 
     async def disconnect_all(self, code: p.CloseCode) -> None:
         connections = list(self.hub.connections.values())
@@ -185,6 +191,24 @@ class Node:
         if self.hub.user_connections.get(user.id, 0) >= self.limits.max_connections_per_user:
             return p.CloseCode.TOO_MANY_CONNECTIONS
         return None
+
+    async def claim(self, user: UserInfo, conn_id: str) -> p.CloseCode | None:
+        """Why the cluster refuses one more connection of `user` (4429), or None once it is
+        counted. Call after `admit`; `disconnect` gives the place back."""
+        limit = self.limits.max_connections_per_user
+        try:
+            if not await self.user_connections.claim(user.id, conn_id, limit):
+                return p.CloseCode.TOO_MANY_CONNECTIONS
+        except UserConnectionsUnavailable as exc:
+            # The node's own cap still holds; refusing everyone during an outage would not.
+            log.warning("cluster-wide connection count unavailable, admitting: %s", exc)
+        return None
+
+    async def release(self, user: UserInfo, conn_id: str) -> None:
+        """Give back a place taken by `claim` (its entry would expire anyway)."""
+        # Unreachable: the entry expires within its lifetime by itself.
+        with contextlib.suppress(UserConnectionsUnavailable):
+            await self.user_connections.release(user.id, conn_id)
 
     def _count_close(self, conn: Connection) -> None:
         if conn.close_code == p.CloseCode.TOO_SLOW:
@@ -219,6 +243,7 @@ class Node:
             if name.startswith(ROOM):
                 await self._presence_leave(name[len(ROOM) :], conn)
         self.hub.remove_connection(conn)
+        await self.release(conn.user, conn.conn_id)
 
     # -- tokens and accounts -------------------------------------------------------------------
 
@@ -710,6 +735,14 @@ class Node:
                 continue
             except Exception:
                 log.exception("presence sweep failed")
+            try:
+                await self.user_connections.refresh(
+                    [(c.user.id, c.conn_id) for c in list(self.hub.connections.values())]
+                )
+            except UserConnectionsUnavailable:
+                pass  # entries that expire meanwhile only under-count: admission errs open
+            except Exception:
+                log.exception("refreshing the cluster-wide connection counts failed")
 
     async def _restore_presence(self, missing: list[tuple[str, str]]) -> None:
         """Add back the entries of live connections that presence no longer has.
