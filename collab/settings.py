@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     outgoing_queue_bytes: int = Field(default=1024 * 1024, ge=1024)
     # The most one reply may hold (a history page, a join's `missed`, a feed snapshot); never
     # more than the outgoing queue, which it counts against.
-    max_reply_bytes: int = Field(default=512 * 1024, ge=64 * 1024)
+    max_reply_bytes: int = Field(default=512 * 1024, ge=4096)
     # Rooms and feeds one WebSocket may have joined at once (too_many_channels past it).
     max_channels_per_connection: int = Field(default=128, ge=1, le=100_000)
     # Feeds any authenticated user may subscribe to: names, or prefixes ending in `*`
@@ -155,6 +155,16 @@ class Settings(BaseSettings):
                 "or mysql+aiomysql://"
             )
         return value
+
+    @model_validator(mode="after")
+    def _reply_holds_messages(self) -> Settings:
+        # A history page or a recovery always carries at least one message.
+        if self.max_reply_bytes < 4 * self.max_body_bytes:
+            raise ValueError(
+                "COLLAB_MAX_REPLY_BYTES must be at least 4 x COLLAB_MAX_BODY_BYTES "
+                f"({4 * self.max_body_bytes})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

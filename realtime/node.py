@@ -76,8 +76,9 @@ class NodeLimits:
 
     @property
     def reply_budget(self) -> int:
-        """Bytes of a reply's payload (messages, snapshot), leaving room for the rest of it."""
-        return max(1024, min(self.max_reply_bytes, self.outgoing_queue_bytes) - 16 * 1024)
+        """Bytes of a reply's payload (messages, snapshot, presence), leaving an eighth of the
+        bound for the rest of it."""
+        return max(1024, min(self.max_reply_bytes, self.outgoing_queue_bytes) * 7 // 8)
 
 
 def feed_is_public(feed: str, public: Sequence[str]) -> bool:
@@ -87,6 +88,23 @@ def feed_is_public(feed: str, public: Sequence[str]) -> bool:
         if feed == rule:
             return True
     return False
+
+
+def first_within(values: Sequence[Any], budget: int) -> tuple[bytes, bool]:
+    """`values` as a JSON array of at most `budget` bytes, keeping the first ones; whether
+    any were left out. The whole list is encoded once: in the common case it fits."""
+    encoded = orjson.dumps(values)
+    if len(encoded) <= budget:
+        return encoded, False
+    kept: list[bytes] = []
+    size = 2
+    for value in values:
+        entry = orjson.dumps(value)
+        size += len(entry) + 1
+        if size > budget:
+            break
+        kept.append(entry)
+    return b"[" + b",".join(kept) + b"]", True
 
 
 def newest_within(frames: Sequence[bytes], budget: int) -> int:
@@ -382,10 +400,12 @@ class Node:
         position = await self.broker.position(channel)
         members = await self.presence.members(command.room)
         missed, recovered = await self._recover(command.room, channel, command.since, position)
-        presence = [m.as_dict() for m in members]
-        if missed and sum(len(f) + 1 for f in missed) + len(orjson.dumps(presence)) > (
-            self.limits.reply_budget
-        ):
+        # A room of thousands would otherwise make every join's reply pass the bound; half
+        # the budget is kept for `missed`. The whole list stays on REST (`/rooms/{r}/presence`).
+        presence, presence_cut = first_within(
+            [m.as_dict() for m in members], self.limits.reply_budget // 2
+        )
+        if missed and sum(len(f) + 1 for f in missed) + len(presence) > self.limits.reply_budget:
             missed, recovered = [], False  # the client pages through `history` instead
         reply = p.joined(
             command.id,
@@ -395,6 +415,7 @@ class Node:
             presence,
             recovered,
             missed,
+            presence_truncated=presence_cut,
         )
         return reply, position
 
@@ -515,7 +536,8 @@ class Node:
         if not self.hub.is_member(ROOM + command.room, conn):
             await self._check_access(command.room, conn.user, command.id, read_only=True)
         members = await self.presence.members(command.room)
-        return p.presence_reply(command.id, command.room, [m.as_dict() for m in members])
+        encoded, cut = first_within([m.as_dict() for m in members], self.limits.reply_budget)
+        return p.presence_reply(command.id, command.room, encoded, members_truncated=cut)
 
     async def history_query(self, conn: Connection, command: p.History) -> bytes:
         if not self.hub.is_member(ROOM + command.room, conn):

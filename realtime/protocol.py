@@ -538,29 +538,38 @@ def joined(
     room: str,
     epoch: str,
     offset: int,
-    presence: Sequence[dict[str, Any]],
+    presence: Sequence[dict[str, Any]] | bytes,
     recovered: bool,
     missed_frames: Sequence[bytes],
     *,
     already_joined: bool = False,
+    presence_truncated: bool = False,
 ) -> bytes:
-    """Reply to `join`. `missed_frames` are encoded `message` events, spliced in unparsed.
+    """Reply to `join`. `missed_frames` are encoded `message` events, spliced in unparsed;
+    `presence` may come encoded (a JSON array's bytes).
 
     `already_joined` marks the answer to a repeat join, made from this node's own state
-    (no backend is asked): `presence` is then not repeated and comes empty."""
+    (no backend is asked): `presence` is then not repeated and comes empty.
+    `presence_truncated` says the member list was cut to fit one reply."""
     frame: dict[str, Any] = {
         "type": "joined",
         "id": id,
         "room": room,
         "epoch": epoch,
         "offset": offset,
-        "presence": list(presence),
+        "presence": _list(presence),
         "recovered": recovered,
         "missed": _array(missed_frames),
     }
     if already_joined:
         frame["already_joined"] = True
+    if presence_truncated:
+        frame["presence_truncated"] = True
     return orjson.dumps(frame)
+
+
+def _list(values: Sequence[Any] | bytes) -> Any:
+    return orjson.Fragment(values) if isinstance(values, bytes) else list(values)
 
 
 def left(id: CommandId, room: str) -> bytes:
@@ -580,9 +589,19 @@ def typing_event(room: str, user: UserInfo) -> bytes:
     )
 
 
-def presence_reply(id: CommandId, room: str, members: Sequence[dict[str, Any]]) -> bytes:
-    """Reply to `presence`; members as `{"user": {...}, "connections": n}`."""
-    return orjson.dumps({"type": "presence", "id": id, "room": room, "members": list(members)})
+def presence_reply(
+    id: CommandId,
+    room: str,
+    members: Sequence[dict[str, Any]] | bytes,
+    *,
+    members_truncated: bool = False,
+) -> bytes:
+    """Reply to `presence`; members as `{"user": {...}, "connections": n}` (or their JSON
+    array, encoded). `members_truncated` says the list was cut to fit one reply."""
+    frame: dict[str, Any] = {"type": "presence", "id": id, "room": room, "members": _list(members)}
+    if members_truncated:
+        frame["members_truncated"] = True
+    return orjson.dumps(frame)
 
 
 def presence_diff(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -141,3 +142,37 @@ async def test_history_pages_and_recovery_are_cut_to_one_reply(server: ServerPro
     )
     assert recent["recovered"] is True
     assert [m["offset"] for m in recent["missed"]] == [78, 79, 80]
+
+
+async def test_presence_of_a_big_room_is_cut_to_one_reply(tmp_path: Path) -> None:
+    """A room of thousands would make every `joined` pass the bound (and, counted against
+    the queue, close every joiner with 4408). Shown small: a 4 KiB reply bound, 80 members."""
+    env = server_env(
+        tmp_path,
+        {
+            "COLLAB_MAX_REPLY_BYTES": "4096",
+            "COLLAB_MAX_BODY_BYTES": "1024",
+            "COLLAB_RATE_LIMIT": "10000",
+            "COLLAB_RATE_BURST": "10000",
+        },
+    )
+    node = ServerProcess(env, tmp_path / "server.log").start()
+    try:
+        room = f"crowd-{uuid.uuid4().hex[:8]}"
+        for i in range(80):
+            member = await Client.connect(node.ws_url, guest_token(node.url, f"member-{i:02d}"))
+            assert (await member.request({"type": "join", "room": room}))["type"] == "joined"
+        token = guest_token(node.url, "late")
+        late = await Client.connect(node.ws_url, token)
+        size, joined = await raw_reply(late, {"type": "join", "id": 1, "room": room})
+        assert joined["type"] == "joined" and size <= 4096
+        assert joined["presence_truncated"] is True and 0 < len(joined["presence"]) < 81
+        size, presence = await raw_reply(late, {"type": "presence", "id": 2, "room": room})
+        assert size <= 4096 and presence["members_truncated"] is True
+        # The whole list stays available through REST.
+        full = httpx.get(
+            f"{node.url}/rooms/{room}/presence", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert len(full.json()["members"]) == 81
+    finally:
+        node.stop()
