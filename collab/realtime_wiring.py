@@ -125,6 +125,9 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
             max_reply_bytes=settings.max_reply_bytes,
             max_channels_per_connection=settings.max_channels_per_connection,
             public_feeds=tuple(settings.public_feeds),
+            feed_grants=tuple(
+                (rule, frozenset(holders)) for rule, holders in settings.feed_grants.items()
+            ),
             max_backlog_bytes=settings.recovery_backlog_bytes,
         ),
         snapshots={"items": items_snapshot},

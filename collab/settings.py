@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # Feeds any authenticated user may subscribe to: names, or prefixes ending in `*`
     # (comma-separated). Every other feed is for service and admin tokens only.
     public_feeds: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["items", "stats"])
+    # Non-public feeds granted to some users or roles, as JSON:
+    # {"team.*": ["role:user"], "ops.alerts": ["user:42"]}. Services and admins need none.
+    feed_grants: dict[str, list[str]] = Field(default_factory=dict)
     # Bytes a room or feed may hold while this node recovers a gap in its stream; past it,
     # its members are closed (1011) and recover on reconnect.
     recovery_backlog_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
@@ -111,6 +114,19 @@ class Settings(BaseSettings):
                     name and not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", name)
                 ):
                     raise ValueError(f"not a feed name or prefix (name or prefix*): {rule!r}")
+        return value
+
+    @field_validator("feed_grants")
+    @classmethod
+    def _check_grants(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        cls._split_feeds(list(value))
+        for rule, holders in value.items():
+            for holder in holders:
+                kind, _, name = holder.partition(":")
+                if kind not in ("user", "role") or not name:
+                    raise ValueError(
+                        f"grant of {rule!r}: {holder!r} is not 'user:<id>' or 'role:<role>'"
+                    )
         return value
 
     @field_validator("database_url", "broker_url")

@@ -71,6 +71,8 @@ class NodeLimits:
     max_channels_per_connection: int = 128
     # Feeds any authenticated user may subscribe to: exact names, or prefixes ending in `*`.
     public_feeds: tuple[str, ...] = ("items", "stats")
+    # Further feeds for some: (feed rule, {"user:<id>", "role:<role>", ...}).
+    feed_grants: tuple[tuple[str, frozenset[str]], ...] = ()
     # Frames a channel holds while it recovers a gap (see `Hub`), across its members.
     max_backlog_bytes: int = 8 * 1024 * 1024
 
@@ -81,13 +83,13 @@ class NodeLimits:
         return max(1024, min(self.max_reply_bytes, self.outgoing_queue_bytes) * 7 // 8)
 
 
+def feed_matches(rule: str, feed: str) -> bool:
+    """A rule is a feed's name, or a prefix ending in `*`."""
+    return feed.startswith(rule[:-1]) if rule.endswith("*") else feed == rule
+
+
 def feed_is_public(feed: str, public: Sequence[str]) -> bool:
-    for rule in public:
-        if rule.endswith("*") and feed.startswith(rule[:-1]):
-            return True
-        if feed == rule:
-            return True
-    return False
+    return any(feed_matches(rule, feed) for rule in public)
 
 
 def first_within(values: Sequence[Any], budget: int) -> tuple[bytes, bool]:
@@ -565,8 +567,15 @@ class Node:
     # -- feeds ---------------------------------------------------------------------------------
 
     def may_subscribe(self, feed: str, user: UserInfo) -> bool:
-        """Public feeds for everyone; any other feed for services and admins."""
-        return user.role in FEED_ROLES or feed_is_public(feed, self.limits.public_feeds)
+        """Public feeds for everyone, granted feeds for those they are granted to, every
+        feed for services and admins."""
+        if user.role in FEED_ROLES or feed_is_public(feed, self.limits.public_feeds):
+            return True
+        holders = (f"user:{user.id}", f"role:{user.role}")
+        return any(
+            feed_matches(rule, feed) and not granted.isdisjoint(holders)
+            for rule, granted in self.limits.feed_grants
+        )
 
     async def subscribe(self, conn: Connection, command: p.Subscribe) -> bytes:
         feed, channel = command.feed, FEED + command.feed

@@ -1,7 +1,9 @@
 """`/ws/live` feeds have rules (issue 15, Medium: a guest subscribed to `billing.internal`).
 
 Public feeds (`COLLAB_PUBLIC_FEEDS`: names, or prefixes ending in `*`; default `items,stats`)
-are open to every authenticated user; any other feed only to service and admin tokens.
+are open to every authenticated user; a feed granted in `COLLAB_FEED_GRANTS` to a user
+(`user:<id>`) or a role (`role:<role>`) to them; any other feed only to service and admin
+tokens.
 Everyone else gets `forbidden` on subscribe, and the connection lives on.
 """
 
@@ -12,10 +14,11 @@ import sys
 from collections.abc import Iterator
 
 import httpx
+import orjson
 import pytest
 
 from tests.processes import ServerProcess, server_env
-from tests.wsclient import Client, guest_token
+from tests.wsclient import Client, guest, guest_token
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +26,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("feeds")
-    env = server_env(folder, {"COLLAB_PUBLIC_FEEDS": "items,stats,public.*"})
+    env = server_env(
+        folder,
+        {
+            "COLLAB_PUBLIC_FEEDS": "items,stats,public.*",
+            "COLLAB_FEED_GRANTS": orjson.dumps({"team.*": ["role:user"]}).decode(),
+        },
+    )
     node = ServerProcess(env, folder / "server.log").start()
     try:
         yield node
@@ -80,3 +89,14 @@ async def test_services_subscribe_to_any_feed(server: ServerProcess) -> None:
     guest = await Client.connect(server.ws_url, guest_token(server.url, "dash"), "/ws/live")
     await guest.request({"type": "subscribe", "feed": "stats"})
     assert await guest.no_frame(lambda f: f.get("feed") == "billing.internal")
+
+
+async def test_granted_feeds_are_for_their_grantees(server: ServerProcess) -> None:
+    """`team.*` is granted to the role `user` (guests have it); a name outside the prefix
+    is not."""
+    token, _ = guest(server.url, "member")
+    client = await Client.connect(server.ws_url, token, "/ws/live")
+    granted = await client.request({"type": "subscribe", "feed": "team.sales"})
+    assert granted["type"] == "subscribed"
+    refused = await client.request({"type": "subscribe", "feed": "teams"})
+    assert refused["type"] == "error" and refused["code"] == "forbidden"
