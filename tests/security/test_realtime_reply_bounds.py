@@ -10,6 +10,7 @@ client pages through history instead).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,14 @@ import httpx
 import orjson
 import pytest
 
+from realtime import protocol as p
+from realtime.broker_memory import MemoryBroker
+from realtime.connection import Connection
+from realtime.node import Node
+from realtime.presence_memory import MemoryPresence
+from realtime.types import UserInfo
 from tests.processes import ServerProcess, server_env
+from tests.security.test_realtime_channel_cap import CountingAccess, NoHistory, NoSink
 from tests.wsclient import Client, guest_token
 
 pytestmark = pytest.mark.slow
@@ -176,3 +184,49 @@ async def test_presence_of_a_big_room_is_cut_to_one_reply(tmp_path: Path) -> Non
         assert len(full.json()["members"]) == 81
     finally:
         node.stop()
+
+
+async def test_the_items_snapshot_is_built_once_per_change() -> None:
+    """In-process: subscribes (repeat ones, concurrent ones) share one build of the snapshot
+    until an item changes."""
+
+    builds = 0
+
+    async def items() -> list[dict[str, int]]:
+        nonlocal builds
+        builds += 1
+        await asyncio.sleep(0.01)  # a database round trip, during which others subscribe
+        return [{"id": builds}]
+
+    node = Node(
+        node_id="n1",
+        broker=MemoryBroker(),
+        presence=MemoryPresence(),
+        sink=NoSink(),
+        history=NoHistory(),
+        access=CountingAccess(),
+        snapshots={"items": items},
+    )
+    await node.start()
+
+    async def send(event: dict[str, Any]) -> None:
+        return None
+
+    conns = [
+        Connection(f"c{i}", UserInfo(str(i), "u"), send, max_queue_bytes=1 << 20, rate=1, burst=1)
+        for i in range(3)
+    ]
+    try:
+        for conn in conns:
+            node.connect(conn)
+        await asyncio.gather(*(node.subscribe(c, p.Subscribe(1, "items", None)) for c in conns))
+        reply = await node.subscribe(conns[0], p.Subscribe(2, "items", None))
+        assert orjson.loads(reply)["snapshot"] == [{"id": 1}]
+        assert builds == 1
+        await node.publish_item_change("created", {"id": 2})
+        reply = await node.subscribe(conns[0], p.Subscribe(3, "items", None))
+        assert orjson.loads(reply)["snapshot"] == [{"id": 2}] and builds == 2
+    finally:
+        for conn in conns:
+            await node.disconnect(conn)
+        await node.close()
