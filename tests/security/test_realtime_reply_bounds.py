@@ -154,7 +154,8 @@ async def test_history_pages_and_recovery_are_cut_to_one_reply(server: ServerPro
 
 async def test_presence_of_a_big_room_is_cut_to_one_reply(tmp_path: Path) -> None:
     """A room of thousands would make every `joined` pass the bound (and, counted against
-    the queue, close every joiner with 4408). Shown small: a 4 KiB reply bound, 80 members."""
+    the queue, close every joiner with 4408). Shown small: a 4 KiB reply bound, 40 members
+    with long names."""
     env = server_env(
         tmp_path,
         {
@@ -165,24 +166,28 @@ async def test_presence_of_a_big_room_is_cut_to_one_reply(tmp_path: Path) -> Non
         },
     )
     node = ServerProcess(env, tmp_path / "server.log").start()
+    members: list[Client] = []
     try:
         room = f"crowd-{uuid.uuid4().hex[:8]}"
-        for i in range(80):
-            member = await Client.connect(node.ws_url, guest_token(node.url, f"member-{i:02d}"))
+        for i in range(40):
+            name = f"member-{i:02d}-" + "x" * 50
+            member = await Client.connect(node.ws_url, guest_token(node.url, name))
+            members.append(member)
             assert (await member.request({"type": "join", "room": room}))["type"] == "joined"
         token = guest_token(node.url, "late")
         late = await Client.connect(node.ws_url, token)
         size, joined = await raw_reply(late, {"type": "join", "id": 1, "room": room})
         assert joined["type"] == "joined" and size <= 4096
-        assert joined["presence_truncated"] is True and 0 < len(joined["presence"]) < 81
+        assert joined["presence_truncated"] is True and 0 < len(joined["presence"]) < 41
         size, presence = await raw_reply(late, {"type": "presence", "id": 2, "room": room})
         assert size <= 4096 and presence["members_truncated"] is True
         # The whole list stays available through REST.
         full = httpx.get(
             f"{node.url}/rooms/{room}/presence", headers={"Authorization": f"Bearer {token}"}
         )
-        assert len(full.json()["members"]) == 81
+        assert len(full.json()["members"]) == 41
     finally:
+        await asyncio.gather(*(m.close() for m in members))  # before the server goes
         node.stop()
 
 
