@@ -67,14 +67,14 @@ async def test_socket_is_closed_4401_when_its_token_expires(
 
 async def test_refresh_in_band_keeps_the_socket_open(server: ServerProcess) -> None:
     long_token, user_id = guest(server.url, "keeper")
-    token, exp = short_token(user_id, "keeper", 2)
+    other_token, _ = guest(server.url, "other")
+    expired, _ = short_token(user_id, "keeper", -5)
+    token, exp = short_token(user_id, "keeper", 4)
     client = await Client.connect(server.ws_url, token)
     room = f"t-{uuid.uuid4().hex[:8]}"
     await client.request({"type": "join", "room": room})
 
     # Refused: not a token, another user's token, an expired token. The old one still holds.
-    other_token, _ = guest(server.url, "other")
-    expired, _ = short_token(user_id, "keeper", -5)
     for bad in ("not-a-token", other_token, expired):
         refused = await client.request({"type": "refresh", "token": bad})
         assert refused["type"] == "error" and refused["code"] == "unauthorized", refused
