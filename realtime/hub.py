@@ -10,6 +10,11 @@ hub sees an offset jump (a lost pub/sub message) or the broker reports a reconne
 the channel, fetches what it missed from the broker's recent window, delivers that, and goes
 on; when the window no longer reaches back it closes the channel's members with 1011 so they
 reconnect and recover from the durable store.
+
+Both places where frames wait are bounded in bytes, because both grow with a room's traffic
+while a backend is slow: what is held for a member whose reply is not out yet (past the
+outgoing queue's bound the member is closed with 4408) and a recovering channel's backlog
+(past its bound the members are sent to recover, as when the window does not reach back).
 """
 
 from __future__ import annotations
