@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import OAuth2PasswordBearer
@@ -16,9 +16,25 @@ from api.tickets import TicketStore
 from persistence.database import SessionFactory
 from persistence.models import Role, User
 from persistence.repositories import UserRepository
+from realtime.presence import Member
 from realtime.storage import HistoryReader
+from realtime.types import Position
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
+
+
+class Realtime(Protocol):
+    """What the REST layer asks of the realtime node (`realtime.node.Node` provides it)."""
+
+    async def presence_members(self, room: str) -> Sequence[Member]: ...
+
+    async def publish_feed(self, feed: str, data: Any) -> Position: ...
+
+    async def publish_item_change(self, op: str, item: dict[str, Any]) -> None: ...
+
+    async def disconnect_user(self, user_id: str, code: int = ...) -> None:
+        """Close the user's WebSockets on every node (account deleted, password changed);
+        raises `realtime.broker.BrokerUnavailable` when other nodes could not be told."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +65,7 @@ class ApiContext:
     tickets: TicketStore | None = None
     hashing: HashingPool | None = None
     # Realtime services the REST layer uses (presence, feed publishing); set by `collab`.
-    realtime: Any = None
+    realtime: Realtime | None = None
 
 
 def get_context(request: Request) -> ApiContext:

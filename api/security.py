@@ -43,6 +43,8 @@ class TokenClaims:
     # account's current one (password or role changed, or another account under a reused id)
     # is refused.
     version: int
+    # Unix seconds (the `exp` claim): open WebSockets close then unless refreshed.
+    expires_at: float | None = None
 
 
 class HashingPool:
@@ -137,4 +139,8 @@ def decode_access_token(secret: str, token: str) -> TokenClaims:
         raise InvalidToken("malformed claims")
     if not isinstance(version, int) or isinstance(version, bool):
         raise InvalidToken("malformed claims")
-    return TokenClaims(user_id=int(sub), name=name, role=role, version=version)
+    exp = claims.get("exp")
+    expires_at = float(exp) if isinstance(exp, int | float) else None
+    return TokenClaims(
+        user_id=int(sub), name=name, role=role, version=version, expires_at=expires_at
+    )

@@ -13,6 +13,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Protocol
 
 _TICKET = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
@@ -23,14 +24,25 @@ def _well_formed(ticket: str) -> bool:
     return bool(_TICKET.match(ticket))
 
 
-def _encode(user_id: int, version: int) -> str:
-    return f"{user_id}:{version}"
+@dataclass(frozen=True, slots=True)
+class TicketHolder:
+    """Whom a ticket was issued to: the account, its token version, and when the token that
+    asked for the ticket expires (the socket opened with the ticket closes then too)."""
+
+    user_id: int
+    version: int
+    expires_at: float | None = None
 
 
-def _decode(value: str) -> tuple[int, int] | None:
-    user_id, _, version = value.partition(":")
+def _encode(user_id: int, version: int, expires_at: float | None) -> str:
+    return f"{user_id}:{version}:{'' if expires_at is None else int(expires_at)}"
+
+
+def _decode(value: str) -> TicketHolder | None:
+    user_id, _, rest = value.partition(":")
+    version, _, expires = rest.partition(":")
     try:
-        return int(user_id), int(version)
+        return TicketHolder(int(user_id), int(version), float(expires) if expires else None)
     except ValueError:
         return None
 
@@ -40,9 +52,9 @@ class TicketStore(Protocol):
 
     ttl: float
 
-    async def issue(self, user_id: int, version: int) -> str: ...
+    async def issue(self, user_id: int, version: int, expires_at: float | None = None) -> str: ...
 
-    async def redeem(self, ticket: str) -> tuple[int, int] | None:
+    async def redeem(self, ticket: str) -> TicketHolder | None:
         """The account the ticket was issued for; None when unknown, used or expired."""
         ...
 
@@ -56,7 +68,7 @@ class MemoryTicketStore:
         # expiry order and the expired ones are always at the front.
         self._tickets: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
-    async def issue(self, user_id: int, version: int) -> str:
+    async def issue(self, user_id: int, version: int, expires_at: float | None = None) -> str:
         now = time.monotonic()
         while self._tickets:
             _, (_, expires) = next(iter(self._tickets.items()))
@@ -64,10 +76,10 @@ class MemoryTicketStore:
                 break
             self._tickets.popitem(last=False)
         ticket = secrets.token_urlsafe(32)
-        self._tickets[ticket] = (_encode(user_id, version), now + self.ttl)
+        self._tickets[ticket] = (_encode(user_id, version, expires_at), now + self.ttl)
         return ticket
 
-    async def redeem(self, ticket: str) -> tuple[int, int] | None:
+    async def redeem(self, ticket: str) -> TicketHolder | None:
         if not _well_formed(ticket):
             return None
         entry = self._tickets.pop(ticket, None)
@@ -88,15 +100,18 @@ class RedisTicketStore:
         self.ttl = ttl
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
-    async def issue(self, user_id: int, version: int) -> str:
+    async def issue(self, user_id: int, version: int, expires_at: float | None = None) -> str:
         ticket = secrets.token_urlsafe(32)
         # NX: a ticket is never overwritten, however unlikely a repeat of 256 random bits.
         await self._redis.set(
-            self.PREFIX + ticket, _encode(user_id, version), px=int(self.ttl * 1000), nx=True
+            self.PREFIX + ticket,
+            _encode(user_id, version, expires_at),
+            px=int(self.ttl * 1000),
+            nx=True,
         )
         return ticket
 
-    async def redeem(self, ticket: str) -> tuple[int, int] | None:
+    async def redeem(self, ticket: str) -> TicketHolder | None:
         if not _well_formed(ticket):
             return None
         # GETDEL is one step: of two nodes redeeming the same ticket, only one gets it.

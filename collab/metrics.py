@@ -45,6 +45,26 @@ class NodeCollector(Collector):
             node.closed_too_slow,
         )
         yield CounterMetricFamily(
+            "collab_join_buffer_overflows",
+            "Joining members closed with 4408: more arrived before their reply than the bound",
+            hub.pending_overflows,
+        )
+        yield GaugeMetricFamily(
+            "collab_join_buffer_bytes",
+            "Bytes held for members whose join or subscribe reply is not out yet",
+            sum(m.pending_bytes for c in list(hub.channels.values()) for m in c.members.values()),
+        )
+        yield CounterMetricFamily(
+            "collab_recovery_backlog_overflows",
+            "Channels whose gap-recovery backlog passed its bound (members sent to recover)",
+            hub.backlog_overflows,
+        )
+        yield GaugeMetricFamily(
+            "collab_recovery_backlog_bytes",
+            "Bytes held by channels recovering a gap",
+            sum(c.backlog_bytes for c in list(hub.channels.values())),
+        )
+        yield CounterMetricFamily(
             "collab_messages_published", "Messages published through this node", node.published
         )
         yield CounterMetricFamily(

@@ -29,12 +29,15 @@ from realtime.protocol import CloseCode
 from realtime.reconciler import Reconciler
 from realtime.storage import MessageSink
 from realtime.types import Position, UserInfo
+from realtime.user_connections import UserConnections
 
 log = logging.getLogger("collab")
 ITEMS_SNAPSHOT_LIMIT = 1000
 
 
-def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker, Presence]:
+def build_backends(
+    settings: Settings, history: DatabaseHistory
+) -> tuple[Broker, Presence, UserConnections]:
     scheme = settings.broker_url.split("://", 1)[0]
     if scheme == "memory":
         from realtime.broker_memory import MemoryBroker
@@ -55,10 +58,12 @@ def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker
                 max_unconfirmed=settings.max_unconfirmed,
             ),
             MemoryPresence(timeout=presence_entry_ttl(settings.presence_timeout)),
+            UserConnections(),  # one node: the hub's own count is the whole count
         )
     if scheme in ("redis", "rediss", "unix"):
         from realtime.broker_redis import RedisBroker
         from realtime.presence_redis import RedisPresence
+        from realtime.user_connections_redis import RedisUserConnections
 
         return (
             RedisBroker(
@@ -69,6 +74,11 @@ def build_backends(settings: Settings, history: DatabaseHistory) -> tuple[Broker
             ),
             RedisPresence(
                 settings.broker_url, timeout=presence_entry_ttl(settings.presence_timeout)
+            ),
+            # Refreshed with presence, and as short-lived: a dead node's sockets stop
+            # counting against their users within the presence timeout.
+            RedisUserConnections(
+                settings.broker_url, ttl=presence_entry_ttl(settings.presence_timeout)
             ),
         )
     raise ValueError(f"COLLAB_BROKER_URL: unsupported scheme {scheme!r} (memory://, redis://)")
@@ -98,12 +108,14 @@ def build_sink(settings: Settings, sessions: SessionFactory) -> MessageSink:
 
 def build_node(settings: Settings, sessions: SessionFactory) -> Node:
     history = DatabaseHistory(sessions)
-    broker, presence = build_backends(settings, history)
+    broker, presence, user_connections = build_backends(settings, history)
 
     async def items_snapshot() -> list[dict[str, Any]]:
+        # The newest items, oldest of them first: a dashboard that reconnects must see what
+        # changed last, and the node cuts from the front when the list is over a reply's size.
         async with sessions() as session:
-            items = await ItemRepository(session).all(ITEMS_SNAPSHOT_LIMIT)
-            return [ItemOut.model_validate(i).model_dump(mode="json") for i in items]
+            items = await ItemRepository(session).newest(ITEMS_SNAPSHOT_LIMIT)
+            return [ItemOut.model_validate(i).model_dump(mode="json") for i in reversed(items)]
 
     return Node(
         node_id=settings.node_id,
@@ -122,6 +134,13 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
             outgoing_queue_bytes=settings.outgoing_queue_bytes,
             heartbeat=settings.heartbeat,
             presence_timeout=settings.presence_timeout,
+            max_reply_bytes=settings.max_reply_bytes,
+            max_channels_per_connection=settings.max_channels_per_connection,
+            public_feeds=tuple(settings.public_feeds),
+            feed_grants=tuple(
+                (rule, frozenset(holders)) for rule, holders in settings.feed_grants.items()
+            ),
+            max_backlog_bytes=settings.recovery_backlog_bytes,
         ),
         snapshots={"items": items_snapshot},
         reconciler=Reconciler(
@@ -130,6 +149,7 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
             grace=settings.reconcile_grace,
             interval=settings.reconcile_interval,
         ),
+        user_connections=user_connections,
     )
 
 
@@ -145,16 +165,20 @@ def token_authenticator(secret: str, api: Callable[[], ApiContext]) -> Authentic
             holder = await context.tickets.redeem(credential.value)
             if holder is None:
                 return None
-            user_id, version = holder
+            user_id, version, expires_at = holder.user_id, holder.version, holder.expires_at
         else:
             try:
                 claims = decode_access_token(secret, credential.value)
             except InvalidToken:
                 return None
-            user_id, version = claims.user_id, claims.version
+            user_id, version, expires_at = claims.user_id, claims.version, claims.expires_at
         async with context.sessions() as session:
             user = await token_holder(session, user_id, version)
-        return UserInfo(id=str(user.id), name=user.display_name) if user is not None else None
+        if user is None:
+            return None
+        return UserInfo(
+            id=str(user.id), name=user.display_name, role=user.role, expires_at=expires_at
+        )
 
     return authenticate
 

@@ -6,6 +6,7 @@ to `create_app`, so one process can host several differently configured apps.
 
 from __future__ import annotations
 
+import re
 import secrets
 import socket
 from typing import Annotated, Any, Literal
@@ -68,6 +69,20 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=10_000, ge=1)
     heartbeat: float = Field(default=25.0, gt=0, le=3600)
     outgoing_queue_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # The most one reply may hold (a history page, a join's `missed`, a feed snapshot); never
+    # more than the outgoing queue, which it counts against.
+    max_reply_bytes: int = Field(default=512 * 1024, ge=4096)
+    # Rooms and feeds one WebSocket may have joined at once (too_many_channels past it).
+    max_channels_per_connection: int = Field(default=128, ge=1, le=100_000)
+    # Feeds any authenticated user may subscribe to: names, or prefixes ending in `*`
+    # (comma-separated). Every other feed is for service and admin tokens only.
+    public_feeds: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["items", "stats"])
+    # Non-public feeds granted to some users or roles, as JSON:
+    # {"team.*": ["role:user"], "ops.alerts": ["user:42"]}. Services and admins need none.
+    feed_grants: dict[str, list[str]] = Field(default_factory=dict)
+    # Bytes a room or feed may hold while this node recovers a gap in its stream; past it,
+    # its members are closed (1011) and recover on reconnect.
+    recovery_backlog_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     history_window: int = Field(default=1000, ge=0)
     shutdown_timeout: float = Field(default=10.0, ge=0)
     auto_migrate: bool | None = Field(
@@ -121,6 +136,33 @@ class Settings(BaseSettings):
             raise ValueError('must be a rate such as "10 per 5 minutes" or "20/hour"') from None
         return value
 
+    @field_validator("public_feeds", mode="before")
+    @classmethod
+    def _split_feeds(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for rule in value:
+                name = rule[:-1] if isinstance(rule, str) and rule.endswith("*") else rule
+                if not isinstance(name, str) or (
+                    name and not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", name)
+                ):
+                    raise ValueError(f"not a feed name or prefix (name or prefix*): {rule!r}")
+        return value
+
+    @field_validator("feed_grants")
+    @classmethod
+    def _check_grants(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        cls._split_feeds(list(value))
+        for rule, holders in value.items():
+            for holder in holders:
+                kind, _, name = holder.partition(":")
+                if kind not in ("user", "role") or not name:
+                    raise ValueError(
+                        f"grant of {rule!r}: {holder!r} is not 'user:<id>' or 'role:<role>'"
+                    )
+        return value
+
     @field_validator("database_url", "broker_url")
     @classmethod
     def _has_scheme(cls, value: str) -> str:
@@ -163,6 +205,16 @@ class Settings(BaseSettings):
                 "or mysql+aiomysql://"
             )
         return value
+
+    @model_validator(mode="after")
+    def _reply_holds_messages(self) -> Settings:
+        # A history page or a recovery always carries at least one message.
+        if self.max_reply_bytes < 4 * self.max_body_bytes:
+            raise ValueError(
+                "COLLAB_MAX_REPLY_BYTES must be at least 4 x COLLAB_MAX_BODY_BYTES "
+                f"({4 * self.max_body_bytes})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

@@ -139,7 +139,7 @@ async def check(
 
     engine = create_engine(settings.database_url)
     sessions = create_session_factory(engine)
-    broker, presence = build_backends(settings, DatabaseHistory(sessions))
+    broker, presence, user_connections = build_backends(settings, DatabaseHistory(sessions))
     ledger = DatabaseLedger(sessions)
     grace = settings.reconcile_grace if grace is None else grace
     cutoff = datetime.now(UTC) - timedelta(seconds=since) if since is not None else None
@@ -158,6 +158,7 @@ async def check(
     finally:
         await broker.close()
         await presence.close()
+        await user_connections.close()
         await engine.dispose()
     return report
 

@@ -105,12 +105,22 @@ class DatabaseRoomAccess(RoomAccess):
         return True
 
     async def can_access(self, room: str, user: UserInfo) -> bool:
+        return await self._allowed(room, user, record=True)
+
+    async def can_read(self, room: str, user: UserInfo) -> bool:
+        return await self._allowed(room, user, record=False)
+
+    async def _allowed(self, room: str, user: UserInfo, *, record: bool) -> bool:
         if room in self._public:
             return True
         async with self.sessions() as session:
             found = (
                 await session.execute(select(Room.id, Room.private).where(Room.name == room))
             ).first()
+            if found is None and not record:
+                # Unknown: public to read (there is nothing in it), but neither recorded nor
+                # remembered, so a private room of that name can still be created.
+                return True
             if found is None:
                 session.add(Room(name=room, private=False, created_at=utcnow()))
                 try:

@@ -75,6 +75,11 @@ class ItemRepository:
     async def all(self, limit: int) -> list[Item]:
         return list((await self.session.scalars(select(Item).order_by(Item.id).limit(limit))).all())
 
+    async def newest(self, limit: int) -> list[Item]:
+        """The `limit` most recently created items, newest first."""
+        query = select(Item).order_by(Item.id.desc()).limit(limit)
+        return list((await self.session.scalars(query)).all())
+
     async def delete(self, item: Item) -> None:
         await self.session.delete(item)
         await self.session.flush()

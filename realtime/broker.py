@@ -28,6 +28,7 @@ Contract, for every implementation:
   waiting: the window is then where an acknowledged message that storage lost is found
   again. A new epoch starts with the mark at its first offset minus one.
 - Ephemeral events (typing, presence diffs) travel with `publish_event`: no offset, no history.
+- `position` creates a channel's state (its epoch) on first use; `peek_position` never does.
 - While the backend is unreachable, `publish`, `publish_event`, `position` and `recent` raise
   `BrokerUnavailable`; nothing is half-published.
 - A broker never blocks on a slow consumer: `BrokerHandler` callbacks are plain functions
@@ -140,6 +141,13 @@ class Broker(ABC):
     @abstractmethod
     async def position(self, channel: str) -> Position:
         """The channel's current epoch and last offset (0 when nothing was published)."""
+
+    @abstractmethod
+    async def peek_position(self, channel: str) -> Position | None:
+        """The channel's position if the broker has it, else None; never creates it.
+
+        For reads (history, presence) of any name a client sends: unlike `position`, which
+        starts a channel's epoch, this leaves nothing behind."""
 
     @abstractmethod
     async def recent(self, channel: str, since: Position) -> list[Publication] | None:

@@ -212,6 +212,10 @@ class MemoryBroker(Broker):
         state = await self._state(channel)
         return Position(state.epoch, state.offset)
 
+    async def peek_position(self, channel: str) -> Position | None:
+        state = self._channels.get(channel)
+        return None if state is None else Position(state.epoch, state.offset)
+
     async def recent(self, channel: str, since: Position) -> list[Publication] | None:
         state = await self._state(channel)
         if since.epoch != state.epoch or since.offset > state.offset or since.offset < 0:

@@ -665,6 +665,14 @@ class RedisBroker(Broker):
                 return await self._ensure(channel)
         return Position(epoch.decode(), int(offset))
 
+    async def peek_position(self, channel: str) -> Position | None:
+        with _unavailable():
+            meta = await self._client.hmget(self._key(channel, "meta"), ["e", "o"])
+        epoch, offset = cast(list[bytes | None], meta)
+        if epoch is None or offset is None:
+            return None
+        return Position(epoch.decode(), int(offset))
+
     async def recent(self, channel: str, since: Position) -> list[Publication] | None:
         if since.offset < 0:
             return None

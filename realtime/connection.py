@@ -83,6 +83,7 @@ class Connection:
     """One client's socket as the hub sees it."""
 
     __slots__ = (
+        "_closer",
         "_closing",
         "_direct",
         "_outbox",
@@ -94,6 +95,7 @@ class Connection:
         "bucket",
         "close_code",
         "conn_id",
+        "expiry",
         "flood_strikes",
         "joined",
         "max_queue_bytes",
@@ -128,6 +130,7 @@ class Connection:
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._closer: asyncio.Task[None] | None = None
         self.close_code: int | None = None
         self.bucket = TokenBucket(rate, burst)
         self.flood_strikes = 0
@@ -137,6 +140,8 @@ class Connection:
         self.presence_events: dict[str, bool] = {}
         # Called once when the connection is closed by the server (for example 4408).
         self.on_close: Callable[[Connection], None] | None = None
+        # Closes the connection when its token expires (the node sets and moves it).
+        self.expiry: asyncio.TimerHandle | None = None
 
     @property
     def closing(self) -> bool:
@@ -152,8 +157,34 @@ class Connection:
         return self._direct is not None
 
     def reply(self, payload: bytes) -> None:
-        """Send one frame of JSON `payload` to this connection alone (see `deliver`)."""
+        """Send one frame of JSON `payload` to this connection alone (see `deliver`).
+
+        A large reply counts against the outgoing bound with everything this connection has
+        not taken yet (its transport's buffer too): a reply goes straight into the transport
+        while the socket is writable, so a client that asks and never reads would otherwise
+        make the node hold one big reply per command. Replies are few, so the check costs
+        nothing on the fan-out path.
+        """
+        size = len(payload)
+        if (
+            size > _COALESCED_WRITE_MAX
+            and not self._closing
+            and self.unsent_bytes() + size > self.max_queue_bytes
+        ):
+            log.info("connection %s too slow: a reply would pass the bound", self.conn_id)
+            self.close_soon(CloseCode.TOO_SLOW)
+            return
         self.deliver(Outgoing(payload))
+
+    def unsent_bytes(self) -> int:
+        """What this connection was given and the peer has not taken: queue, this loop
+        turn's frames and the transport's buffer."""
+        size = self._queued_bytes
+        if self._pending:
+            size += sum(len(out.payload) for out in self._pending)
+        if self._direct is not None:
+            size += self._direct.transport.get_write_buffer_size()
+        return size
 
     def deliver(self, out: Outgoing) -> None:
         """Send a frame now if the socket takes it, else queue it; never blocks the caller."""
@@ -277,9 +308,19 @@ class Connection:
             # as long. Stop the writer and send the close from a fresh task.
             self._writer.cancel()
             self._writer = None
-        asyncio.get_running_loop().create_task(self._send_close(reason))
+        self._closer = asyncio.get_running_loop().create_task(self._send_close(reason))
         if self.on_close is not None:
             self.on_close(self)
+
+    async def wait_closed(self) -> None:
+        """Until a close decided by `close_soon` is sent (or given up after its timeout).
+
+        The endpoint waits for it before returning: a server drops the socket when the app
+        returns, and the close frame still waiting behind a slow reader's backlog would go
+        with it, leaving the client without its close code (4408, 4401)."""
+        if self._closer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._closer)
 
     async def close(self, code: CloseCode | int, reason: str | None = None) -> None:
         """Close after what this loop turn wrote (an error reply, say), not before it."""

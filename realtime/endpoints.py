@@ -104,10 +104,21 @@ class WebSocketEndpoint:
             await send({"type": "websocket.close", "code": refusal, "reason": reason})
             return
         user = refusal
-        await send({"type": "websocket.accept"})
+        conn_id = new_conn_id(node.node_id)
+        cluster_refusal = await node.claim(user, conn_id)
+        try:
+            await send({"type": "websocket.accept"})
+        except BaseException:
+            if cluster_refusal is None:
+                await node.release(user, conn_id)
+            raise
+        if cluster_refusal is not None:
+            reason = p.CLOSE_REASONS[cluster_refusal]
+            await send({"type": "websocket.close", "code": int(cluster_refusal), "reason": reason})
+            return
         limits = node.limits
         conn = Connection(
-            new_conn_id(node.node_id),
+            conn_id,
             user,
             send,
             max_queue_bytes=limits.outgoing_queue_bytes,
@@ -118,6 +129,7 @@ class WebSocketEndpoint:
         conn.reply(node.connect(conn))
         try:
             await self._serve(node, conn, receive)
+            await conn.wait_closed()
         finally:
             await node.disconnect(conn)
 
@@ -170,10 +182,15 @@ class WebSocketEndpoint:
 
     async def _command(self, node: Node, conn: Connection, data: str | bytes) -> None:
         command_id: p.CommandId = None
+        reply: bytes | None
         try:
             command = p.parse_command(data, self.kind, max_body_bytes=node.limits.max_body_bytes)
             command_id = command.id
-            reply = await node.handle(conn, command)
+            if isinstance(command, p.Refresh):
+                credential = Credential("token", command.token)
+                reply = node.refresh(conn, command, await self.authenticate(credential))
+            else:
+                reply = await node.handle(conn, command)
         except p.ProtocolError as exc:
             reply = exc.frame()
         except _UNAVAILABLE as exc:

@@ -10,6 +10,11 @@ hub sees an offset jump (a lost pub/sub message) or the broker reports a reconne
 the channel, fetches what it missed from the broker's recent window, delivers that, and goes
 on; when the window no longer reaches back it closes the channel's members with 1011 so they
 reconnect and recover from the durable store.
+
+Both places where frames wait are bounded in bytes, because both grow with a room's traffic
+while a backend is slow: what is held for a member whose reply is not out yet (past the
+outgoing queue's bound the member is closed with 4408) and a recovering channel's backlog
+(past its bound the members are sent to recover, as when the window does not reach back).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Member:
     floor: int = 0
     # Until the member's joined/subscribed reply is sent, deliveries wait here.
     pending: list[tuple[int, Outgoing]] | None = field(default_factory=list)
+    pending_bytes: int = 0
     presence_events: bool = True
 
 
@@ -49,12 +55,19 @@ class Channel:
     offset: int = 0
     recovering: bool = False
     backlog: list[Publication] = field(default_factory=list)
+    backlog_bytes: int = 0
 
 
 class Hub:
     """Local membership and fan-out; the broker handler of this node."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        max_pending_bytes: int = 1024 * 1024,
+        max_backlog_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
         self.broker = broker
         self.channels: dict[str, Channel] = {}
         self.connections: dict[str, Connection] = {}
@@ -62,6 +75,15 @@ class Hub:
         self._sub_ops: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.deliveries = 0
+        # What a joining member may have held for it, and a recovering channel's backlog:
+        # both grow with the room's traffic while a backend answers slowly, so both are
+        # bounded, and their overflows counted for /metrics.
+        self.max_pending_bytes = max_pending_bytes
+        self.max_backlog_bytes = max_backlog_bytes
+        self.pending_overflows = 0
+        self.backlog_overflows = 0
+        # Node-wide channels (no members): their events go to these callbacks.
+        self.control_handlers: dict[str, Callable[[bytes], None]] = {}
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -147,7 +169,7 @@ class Hub:
         # (the offset is what this node has delivered; skipping ahead would drop them as
         # "seen", or hide a real gap from recovery). The member's floor filters them for it.
         member.floor = floor.offset
-        waiting, member.pending = member.pending or [], None
+        waiting, member.pending, member.pending_bytes = member.pending or [], None, 0
         for offset, out in waiting:
             if offset > member.floor:
                 conn.deliver(out)
@@ -173,7 +195,7 @@ class Hub:
         if channel is None:
             return
         if channel.recovering:
-            channel.backlog.append(publication)
+            self._add_backlog(channel, publication)
             return
         if channel.epoch == publication.epoch:
             if publication.offset <= channel.offset:
@@ -183,7 +205,7 @@ class Hub:
                 self._hold_for_joiners(channel, publication)
                 return
             if publication.offset > channel.offset + 1:
-                channel.backlog.append(publication)
+                self._add_backlog(channel, publication)
                 self._spawn(self._recover(channel))
                 return
         elif channel.epoch is not None and channel.offset > 0:
@@ -192,12 +214,36 @@ class Hub:
             return
         self._deliver(channel, publication)
 
+    def _add_backlog(self, channel: Channel, publication: Publication) -> None:
+        channel.backlog_bytes += len(publication.frame)
+        if channel.backlog_bytes > self.max_backlog_bytes:
+            # The gap is not closing fast enough to hold what keeps coming: the members
+            # reconnect and recover, each from its own position.
+            self.backlog_overflows += 1
+            self._reset(channel)
+            return
+        channel.backlog.append(publication)
+
+    def _hold(self, member: Member, offset: int, out: Outgoing) -> None:
+        """Keep a frame for a member whose reply is not out yet, within the queue's bound."""
+        assert member.pending is not None
+        if member.conn.closing:
+            return
+        member.pending_bytes += len(out.payload)
+        if member.pending_bytes > self.max_pending_bytes:
+            # As if its queue overflowed: 4408, and it recovers from its position on reconnect.
+            self.pending_overflows += 1
+            member.pending, member.pending_bytes = [], 0
+            member.conn.close_soon(CloseCode.TOO_SLOW)
+            return
+        member.pending.append((offset, out))
+
     def _hold_for_joiners(self, channel: Channel, publication: Publication) -> None:
         out: Outgoing | None = None
         for member in channel.members.values():
             if member.pending is not None:
                 out = out or Outgoing(publication.frame)
-                member.pending.append((publication.offset, out))
+                self._hold(member, publication.offset, out)
 
     def _deliver(self, channel: Channel, publication: Publication) -> None:
         channel.epoch, channel.offset = publication.epoch, publication.offset
@@ -206,7 +252,7 @@ class Hub:
         count = 0
         for member in channel.members.values():
             if member.pending is not None:
-                member.pending.append((offset, out))
+                self._hold(member, offset, out)
             elif offset > member.floor:
                 member.conn.deliver(out)
                 count += 1
@@ -215,6 +261,9 @@ class Hub:
     def on_event(self, channel_name: str, frame: bytes, exclude_user: str | None) -> None:
         channel = self.channels.get(channel_name)
         if channel is None:
+            control = self.control_handlers.get(channel_name)
+            if control is not None:
+                control(frame)
             return
         out = Outgoing(frame)
         is_presence = frame.startswith(_PRESENCE_DIFF_PREFIX)
@@ -248,7 +297,7 @@ class Hub:
         if missed is None:
             self._reset(channel)
             return
-        backlog, channel.backlog = channel.backlog, []
+        backlog, channel.backlog, channel.backlog_bytes = channel.backlog, [], 0
         for publication in sorted([*missed, *backlog], key=lambda p: p.offset):
             if publication.epoch == channel.epoch and publication.offset == channel.offset + 1:
                 self._deliver(channel, publication)
@@ -257,6 +306,7 @@ class Hub:
         """Positions on this channel can no longer be continued: members reconnect and recover."""
         log.warning("channel %s lost continuity; asking its members to recover", channel.name)
         channel.backlog.clear()
+        channel.backlog_bytes = 0
         for member in list(channel.members.values()):
             member.conn.close_soon(CloseCode.INTERNAL_ERROR, "stream interrupted, recover")
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +35,23 @@ from realtime.storage import (
 )
 from realtime.transport import Outbox
 from realtime.types import Position, UserInfo, new_msg_id
+from realtime.user_connections import UserConnections, UserConnectionsUnavailable
 
 log = logging.getLogger("collab.realtime")
 
 ROOM = "room:"
 FEED = "feed:"
 ITEMS_FEED = "items"
+# Every node subscribes to this channel at start: node-wide orders (close a user's sockets)
+# reach the whole cluster through the broker. No client can name it (rooms and feeds are
+# prefixed), so no client can join or publish to it.
+CONTROL = "control:nodes"
+# Roles that may subscribe to any feed; everyone else gets only the public ones.
+FEED_ROLES = frozenset({"service", "admin"})
+# A cached snapshot is used while its feed's position is unchanged (every item change moves
+# it, on every node), and never longer than this: a change whose announcement failed
+# (broker down) shows up at the latest this much later.
+SNAPSHOT_MAX_AGE = 5.0
 # How many stored messages a reconnecting client may be handed in `missed`; past this it
 # reloads history instead (a client that was away that long wants a page, not a flood).
 MAX_RECOVERY = 1000
@@ -59,6 +72,60 @@ class NodeLimits:
     outgoing_queue_bytes: int = 1024 * 1024
     heartbeat: float = 25.0
     presence_timeout: float = 30.0
+    # The most one reply (a history page, a join's `missed`, a snapshot) may hold: a reply is
+    # written while the socket is writable, so without a bound one command could make the
+    # node buffer far more than the outgoing queue allows.
+    max_reply_bytes: int = 512 * 1024
+    max_channels_per_connection: int = 128
+    # Feeds any authenticated user may subscribe to: exact names, or prefixes ending in `*`.
+    public_feeds: tuple[str, ...] = ("items", "stats")
+    # Further feeds for some: (feed rule, {"user:<id>", "role:<role>", ...}).
+    feed_grants: tuple[tuple[str, frozenset[str]], ...] = ()
+    # Frames a channel holds while it recovers a gap (see `Hub`), across its members.
+    max_backlog_bytes: int = 8 * 1024 * 1024
+
+    @property
+    def reply_budget(self) -> int:
+        """Bytes of a reply's payload (messages, snapshot, presence), leaving an eighth of the
+        bound for the rest of it."""
+        return max(1024, min(self.max_reply_bytes, self.outgoing_queue_bytes) * 7 // 8)
+
+
+def feed_matches(rule: str, feed: str) -> bool:
+    """A rule is a feed's name, or a prefix ending in `*`."""
+    return feed.startswith(rule[:-1]) if rule.endswith("*") else feed == rule
+
+
+def feed_is_public(feed: str, public: Sequence[str]) -> bool:
+    return any(feed_matches(rule, feed) for rule in public)
+
+
+def first_within(values: Sequence[Any], budget: int) -> tuple[bytes, bool]:
+    """`values` as a JSON array of at most `budget` bytes, keeping the first ones; whether
+    any were left out. The whole list is encoded once: in the common case it fits."""
+    encoded = orjson.dumps(values)
+    if len(encoded) <= budget:
+        return encoded, False
+    kept: list[bytes] = []
+    size = 2
+    for value in values:
+        entry = orjson.dumps(value)
+        size += len(entry) + 1
+        if size > budget:
+            break
+        kept.append(entry)
+    return b"[" + b",".join(kept) + b"]", True
+
+
+def newest_within(frames: Sequence[bytes], budget: int) -> int:
+    """Index of the oldest frame that still fits with all the newer ones in `budget` bytes
+    (at least the newest is kept, so a reader always makes progress)."""
+    size = 0
+    for index in range(len(frames) - 1, -1, -1):
+        size += len(frames[index]) + 1
+        if size > budget and index < len(frames) - 1:
+            return index + 1
+    return 0
 
 
 class Node:
@@ -74,6 +141,7 @@ class Node:
         limits: NodeLimits | None = None,
         snapshots: dict[str, SnapshotProvider] | None = None,
         reconciler: Reconciler | None = None,
+        user_connections: UserConnections | None = None,
     ) -> None:
         self.node_id = node_id
         self.broker = broker
@@ -84,7 +152,17 @@ class Node:
         self.limits = limits or NodeLimits()
         self.snapshots = snapshots or {}
         self.reconciler = reconciler
-        self.hub = Hub(broker)
+        # Per user across the cluster; the hub counts per node.
+        self.user_connections = user_connections or UserConnections()
+        self.hub = Hub(
+            broker,
+            max_pending_bytes=self.limits.outgoing_queue_bytes,
+            max_backlog_bytes=self.limits.max_backlog_bytes,
+        )
+        self.hub.control_handlers[CONTROL] = self._on_control
+        # feed -> (position it was built at, when, encoded snapshot, truncated)
+        self._snapshot_cache: dict[str, tuple[Position, float, bytes, bool]] = {}
+        self._snapshot_builds: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}
         # Coalesces each loop turn's direct writes per connection (`realtime.transport`).
         self.outbox = Outbox()
         self._diffs: dict[str, dict[str, tuple[UserInfo, bool]]] = {}
@@ -100,9 +178,14 @@ class Node:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.user_connections.start()
         await self.presence.start()
         await self.sink.start()
         await self.broker.start(self.hub)
+        # Without Redis at start the broker still records the subscription and makes it when
+        # Redis comes (as for any channel): the node starts either way.
+        with contextlib.suppress(BrokerUnavailable):
+            await self.broker.subscribe(CONTROL)
         self._sweeper = asyncio.get_running_loop().create_task(self._presence_loop())
         if self.reconciler is not None:
             self.reconciler.start()
@@ -125,6 +208,7 @@ class Node:
         await self.sink.close()
         await self.broker.close()
         await self.presence.close()
+        await self.user_connections.close()
 
     async def disconnect_all(self, code: p.CloseCode) -> None:
         connections = list(self.hub.connections.values())
@@ -144,6 +228,24 @@ class Node:
             return p.CloseCode.TOO_MANY_CONNECTIONS
         return None
 
+    async def claim(self, user: UserInfo, conn_id: str) -> p.CloseCode | None:
+        """Why the cluster refuses one more connection of `user` (4429), or None once it is
+        counted. Call after `admit`; `disconnect` gives the place back."""
+        limit = self.limits.max_connections_per_user
+        try:
+            if not await self.user_connections.claim(user.id, conn_id, limit):
+                return p.CloseCode.TOO_MANY_CONNECTIONS
+        except UserConnectionsUnavailable as exc:
+            # The node's own cap still holds; refusing everyone during an outage would not.
+            log.warning("cluster-wide connection count unavailable, admitting: %s", exc)
+        return None
+
+    async def release(self, user: UserInfo, conn_id: str) -> None:
+        """Give back a place taken by `claim` (its entry would expire anyway)."""
+        # Unreachable: the entry expires within its lifetime by itself.
+        with contextlib.suppress(UserConnectionsUnavailable):
+            await self.user_connections.release(user.id, conn_id)
+
     def _count_close(self, conn: Connection) -> None:
         if conn.close_code == p.CloseCode.TOO_SLOW:
             self.closed_too_slow += 1
@@ -152,6 +254,7 @@ class Node:
         """Register a connection; its welcome frame."""
         self.hub.add_connection(conn)
         conn.on_close = self._count_close
+        self._expire_at(conn, conn.user.expires_at)
         return p.welcome(
             conn.conn_id,
             self.node_id,
@@ -168,11 +271,71 @@ class Node:
         """The socket is gone: leave everything it joined, announcing leaves."""
         if conn.conn_id not in self.hub.connections:
             return
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
         for name in list(conn.joined):
             self.hub.remove_member(name, conn)
             if name.startswith(ROOM):
                 await self._presence_leave(name[len(ROOM) :], conn)
         self.hub.remove_connection(conn)
+        await self.release(conn.user, conn.conn_id)
+
+    # -- tokens and accounts -------------------------------------------------------------------
+
+    def _expire_at(self, conn: Connection, expires_at: float | None) -> None:
+        """Close the connection with 4401 ("get a new token") when its token expires."""
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        if expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, expires_at - time.time())
+        conn.expiry = loop.call_later(delay, conn.close_soon, p.CloseCode.UNAUTHORIZED)
+
+    def refresh(self, conn: Connection, command: p.Refresh, user: UserInfo | None) -> bytes:
+        """Carry the connection on under a new token (`user` as it names it, None if invalid)."""
+        if user is None or user.id != conn.user.id:
+            raise p.ProtocolError(
+                p.ErrorCode.UNAUTHORIZED,
+                "the token is invalid, expired or names another user; the connection keeps "
+                "its old one",
+                command.id,
+            )
+        # The name on the wire stays the one presence and messages already show.
+        conn.user = dataclasses.replace(conn.user, role=user.role, expires_at=user.expires_at)
+        self._expire_at(conn, user.expires_at)
+        return p.refreshed(command.id, user.expires_at)
+
+    async def disconnect_user(
+        self, user_id: str, code: p.CloseCode | int = p.CloseCode.UNAUTHORIZED
+    ) -> None:
+        """Close every socket of `user_id`, on every node of the cluster, with `code`.
+
+        For an account deleted or a password changed: tokens issued before may still be
+        valid, and an open socket would otherwise outlive them. This node's sockets close at
+        once; the others are told through the broker's control channel. Raises
+        BrokerUnavailable when the other nodes could not be told.
+        """
+        self._close_user(user_id, int(code))
+        frame = orjson.dumps({"type": "disconnect_user", "user": user_id, "code": int(code)})
+        await self.broker.publish_event(CONTROL, frame)
+
+    def _close_user(self, user_id: str, code: int) -> None:
+        if user_id not in self.hub.user_connections:
+            return
+        for conn in list(self.hub.connections.values()):
+            if conn.user.id == user_id:
+                conn.close_soon(code)
+
+    def _on_control(self, frame: bytes) -> None:
+        try:
+            order = orjson.loads(frame)
+            if order.get("type") == "disconnect_user":
+                self._close_user(str(order["user"]), int(order["code"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            log.warning("ignored a malformed control frame: %r", frame[:64])
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -194,19 +357,47 @@ class Node:
             return await self.history_query(conn, command)
         if isinstance(command, p.Subscribe):
             return await self.subscribe(conn, command)
+        if isinstance(command, p.Refresh):
+            # The endpoint checks the token (it holds the authenticator) and calls `refresh`.
+            raise p.ProtocolError(p.ErrorCode.INTERNAL, "refresh is handled by the endpoint")
         return await self.unsubscribe(conn, command)
 
-    async def _check_access(self, room: str, user: UserInfo, command_id: p.CommandId) -> None:
-        if not await self.access.can_access(room, user):
+    async def _check_access(
+        self, room: str, user: UserInfo, command_id: p.CommandId, *, read_only: bool = False
+    ) -> None:
+        if read_only:
+            allowed = await self.access.can_read(room, user)
+        else:
+            allowed = await self.access.can_access(room, user)
+        if not allowed:
             raise p.ProtocolError(
                 p.ErrorCode.FORBIDDEN, f"you are not a member of room '{room}'", command_id
             )
 
+    def _check_channel_cap(self, conn: Connection, command_id: p.CommandId) -> None:
+        cap = self.limits.max_channels_per_connection
+        if len(conn.joined) >= cap:
+            raise p.ProtocolError(
+                p.ErrorCode.TOO_MANY_CHANNELS,
+                f"at most {cap} rooms and feeds per connection; leave one first",
+                command_id,
+            )
+
+    def _rejoined(self, conn: Connection, command: p.Join, channel: str) -> bytes:
+        """A repeat join, answered from this node's state: nothing changes, so no backend
+        is asked (a client looping on `join` costs the node a dictionary lookup)."""
+        state = self.hub.channels.get(channel)
+        member = state.members.get(conn.conn_id) if state is not None else None
+        epoch = state.epoch if state is not None and state.epoch is not None else ""
+        offset = max(state.offset if state else 0, member.floor if member else 0)
+        return p.joined(command.id, command.room, epoch, offset, [], False, [], already_joined=True)
+
     async def join(self, conn: Connection, command: p.Join) -> bytes:
         room, channel = command.room, ROOM + command.room
-        await self._check_access(room, conn.user, command.id)
         if self.hub.is_member(channel, conn):
-            return (await self._joined(command, channel))[0]
+            return self._rejoined(conn, command, channel)
+        self._check_channel_cap(conn, command.id)
+        await self._check_access(room, conn.user, command.id)
         await self.hub.add_member(channel, conn, command.presence_events)
         try:
             if await self.presence.add(room, conn.conn_id, conn.user, self.node_id):
@@ -227,14 +418,22 @@ class Node:
         position = await self.broker.position(channel)
         members = await self.presence.members(command.room)
         missed, recovered = await self._recover(command.room, channel, command.since, position)
+        # A room of thousands would otherwise make every join's reply pass the bound; half
+        # the budget is kept for `missed`. The whole list stays on REST (`/rooms/{r}/presence`).
+        presence, presence_cut = first_within(
+            [m.as_dict() for m in members], self.limits.reply_budget // 2
+        )
+        if missed and sum(len(f) + 1 for f in missed) + len(presence) > self.limits.reply_budget:
+            missed, recovered = [], False  # the client pages through `history` instead
         reply = p.joined(
             command.id,
             command.room,
             position.epoch,
             position.offset,
-            [m.as_dict() for m in members],
+            presence,
             recovered,
             missed,
+            presence_truncated=presence_cut,
         )
         return reply, position
 
@@ -251,6 +450,7 @@ class Node:
         if since.offset == now.offset:
             return [], True
         frames: list[bytes] = []
+        size, budget = 0, self.limits.reply_budget
         cursor = since.offset
         while cursor < now.offset and len(frames) < MAX_RECOVERY:
             # The newest messages may not be stored yet (persistence is asynchronous) and the
@@ -267,10 +467,14 @@ class Node:
             for message in stored:
                 if message.offset != cursor + 1 + contiguous or message.offset > now.offset:
                     break
-                frames.append(orjson.dumps(message.event()))
+                frame = orjson.dumps(message.event())
+                frames.append(frame)
+                size += len(frame) + 1
                 contiguous += 1
-            if contiguous == 0:
-                break
+            if contiguous == 0 or size > budget:
+                # Over one reply's budget: `recovered: false`, and the client pages through
+                # history (each page bounded too) rather than get everything in one frame.
+                return [], False
             cursor += contiguous
         if cursor != now.offset:
             return [], False
@@ -400,41 +604,74 @@ class Node:
 
     async def presence_query(self, conn: Connection, command: p.PresenceQuery) -> bytes:
         if not self.hub.is_member(ROOM + command.room, conn):
-            await self._check_access(command.room, conn.user, command.id)
+            await self._check_access(command.room, conn.user, command.id, read_only=True)
         members = await self.presence.members(command.room)
-        return p.presence_reply(command.id, command.room, [m.as_dict() for m in members])
+        encoded, cut = first_within([m.as_dict() for m in members], self.limits.reply_budget)
+        return p.presence_reply(command.id, command.room, encoded, members_truncated=cut)
 
     async def history_query(self, conn: Connection, command: p.History) -> bytes:
         if not self.hub.is_member(ROOM + command.room, conn):
-            await self._check_access(command.room, conn.user, command.id)
-        position = await self.broker.position(ROOM + command.room)
+            await self._check_access(command.room, conn.user, command.id, read_only=True)
+        # A read creates nothing: a room the broker does not know reads the newest stored
+        # epoch (what a restarted memory broker would continue), or nothing at all.
+        position = await self.broker.peek_position(ROOM + command.room)
         messages, has_more = await self.history.page(
-            command.room, position.epoch, before=command.before, limit=command.limit
+            command.room,
+            position.epoch if position is not None else None,
+            before=command.before,
+            limit=command.limit,
         )
-        return p.history_reply(
-            command.id, command.room, [orjson.dumps(m.event()) for m in messages], has_more
-        )
+        frames = [orjson.dumps(m.event()) for m in messages]
+        # Oldest first, so a page cut to fit keeps the newest messages: the client asks for
+        # the rest with `before` the first offset it got, as for any page with has_more.
+        start = newest_within(frames, self.limits.reply_budget)
+        if start:
+            frames, has_more = frames[start:], True
+        return p.history_reply(command.id, command.room, frames, has_more)
 
     async def presence_members(self, room: str) -> list[Member]:
         return await self.presence.members(room)
 
     # -- feeds ---------------------------------------------------------------------------------
 
+    def may_subscribe(self, feed: str, user: UserInfo) -> bool:
+        """Public feeds for everyone, granted feeds for those they are granted to, every
+        feed for services and admins."""
+        if user.role in FEED_ROLES or feed_is_public(feed, self.limits.public_feeds):
+            return True
+        holders = (f"user:{user.id}", f"role:{user.role}")
+        return any(
+            feed_matches(rule, feed) and not granted.isdisjoint(holders)
+            for rule, granted in self.limits.feed_grants
+        )
+
     async def subscribe(self, conn: Connection, command: p.Subscribe) -> bytes:
         feed, channel = command.feed, FEED + command.feed
+        if not self.may_subscribe(feed, conn.user):
+            raise p.ProtocolError(p.ErrorCode.FORBIDDEN, f"feed '{feed}' is not public", command.id)
         already = self.hub.is_member(channel, conn)
         if not already:
+            self._check_channel_cap(conn, command.id)
             await self.hub.add_member(channel, conn)
         try:
             position = await self.broker.position(channel)
-            snapshot = await self._snapshot(feed, channel)
+            snapshot, truncated = await self._snapshot(feed, channel, position)
             missed, recovered = await self._recover_feed(channel, command.since, position)
         except BaseException:
             if not already:
                 self.hub.remove_member(channel, conn)
             raise
+        if missed and sum(len(f) + 1 for f in missed) + len(snapshot) > self.limits.reply_budget:
+            missed, recovered = [], False  # the snapshot is the current state anyway
         reply = p.subscribed(
-            command.id, feed, position.epoch, position.offset, snapshot, recovered, missed
+            command.id,
+            feed,
+            position.epoch,
+            position.offset,
+            snapshot,
+            recovered,
+            missed,
+            snapshot_truncated=truncated,
         )
         if already:
             return reply
@@ -442,14 +679,50 @@ class Node:
         self.hub.activate(channel, conn, position)
         return b""
 
-    async def _snapshot(self, feed: str, channel: str) -> bytes:
+    async def _snapshot(self, feed: str, channel: str, position: Position) -> tuple[bytes, bool]:
+        """The feed's snapshot, encoded and cut to one reply's budget; whether it was cut.
+
+        A provider's snapshot (the items, from the database) is built once per change of the
+        feed, not once per subscribe, and concurrent subscribes share one build.
+        """
         provider = self.snapshots.get(feed)
-        if provider is not None:
-            return orjson.dumps(await provider())
-        frame = await self.broker.last_frame(channel)
-        if frame is None:
-            return b"null"
-        return orjson.dumps(orjson.loads(frame).get("data"))
+        if provider is None:
+            frame = await self.broker.last_frame(channel)
+            if frame is None:
+                return b"null", False
+            return self._fit_snapshot(orjson.loads(frame).get("data"))
+        cached = self._snapshot_cache.get(feed)
+        now = time.monotonic()
+        if cached is not None and cached[0] == position and now - cached[1] < SNAPSHOT_MAX_AGE:
+            return cached[2], cached[3]
+        build = self._snapshot_builds.get(feed)
+        if build is None:
+            build = asyncio.ensure_future(self._build_snapshot(feed, provider, position, now))
+            self._snapshot_builds[feed] = build
+            build.add_done_callback(lambda _: self._snapshot_builds.pop(feed, None))
+        return await asyncio.shield(build)
+
+    async def _build_snapshot(
+        self, feed: str, provider: SnapshotProvider, position: Position, started: float
+    ) -> tuple[bytes, bool]:
+        encoded, truncated = self._fit_snapshot(await provider())
+        self._snapshot_cache[feed] = (position, started, encoded, truncated)
+        return encoded, truncated
+
+    def _fit_snapshot(self, value: Any) -> tuple[bytes, bool]:
+        """`value` encoded within the reply budget: a list keeps its last (newest) entries,
+        anything else too big becomes null."""
+        encoded = orjson.dumps(value)
+        budget = self.limits.reply_budget
+        if len(encoded) <= budget:
+            return encoded, False
+        if not isinstance(value, list):
+            return b"null", True
+        entries = [orjson.dumps(entry) for entry in value]
+        start = newest_within(entries, budget)
+        if start < len(entries) and len(entries[start]) + 2 > budget:
+            start += 1  # a single entry over the budget: better none than one reply too big
+        return b"[" + b",".join(entries[start:]) + b"]", True
 
     async def _recover_feed(
         self, channel: str, since: Position | None, now: Position
@@ -479,6 +752,8 @@ class Node:
         return Position(result.epoch, result.offset)
 
     async def publish_item_change(self, op: str, item: dict[str, Any]) -> None:
+        # Other nodes see the feed's position move; this one also forgets at once.
+        self._snapshot_cache.pop(ITEMS_FEED, None)
         try:
             await self.publish_feed(ITEMS_FEED, {"op": op, "item": item})
         except BrokerUnavailable:
@@ -559,6 +834,14 @@ class Node:
                 continue
             except Exception:
                 log.exception("presence sweep failed")
+            try:
+                await self.user_connections.refresh(
+                    [(c.user.id, c.conn_id) for c in list(self.hub.connections.values())]
+                )
+            except UserConnectionsUnavailable:
+                pass  # entries that expire meanwhile only under-count: admission errs open
+            except Exception:
+                log.exception("refreshing the cluster-wide connection counts failed")
 
     async def _restore_presence(self, missing: list[tuple[str, str]]) -> None:
         """Add back the entries of live connections that presence no longer has.

@@ -50,6 +50,7 @@ __all__ = [
     "PresenceQuery",
     "ProtocolError",
     "Publish",
+    "Refresh",
     "Subscribe",
     "Typing",
     "Unsubscribe",
@@ -64,6 +65,7 @@ __all__ = [
     "pong",
     "presence_diff",
     "presence_reply",
+    "refreshed",
     "subscribed",
     "typing_event",
     "unsubscribed",
@@ -80,6 +82,8 @@ MAX_ID_CHARS = 64
 MAX_NAME_CHARS = 64
 MAX_EPOCH_CHARS = 64
 MAX_CLIENT_MSG_ID_CHARS = 64
+# A JWT of ours is a few hundred characters; the bound keeps a hostile `refresh` cheap.
+MAX_TOKEN_CHARS = 4096
 HISTORY_DEFAULT_LIMIT = 50
 HISTORY_MAX_LIMIT = 200
 
@@ -139,6 +143,8 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    TOO_MANY_CHANNELS = "too_many_channels"
+    UNAUTHORIZED = "unauthorized"
 
 
 ERROR_EXPLANATIONS: dict[ErrorCode, str] = {
@@ -149,6 +155,10 @@ ERROR_EXPLANATIONS: dict[ErrorCode, str] = {
     ErrorCode.RATE_LIMITED: "too many commands; this one was not carried out",
     ErrorCode.UNAVAILABLE: "a backend is unavailable; the command was not carried out",
     ErrorCode.INTERNAL: "internal error; the command was not carried out",
+    ErrorCode.TOO_MANY_CHANNELS: (
+        "this connection has joined as many rooms and feeds as it may; leave one first"
+    ),
+    ErrorCode.UNAUTHORIZED: "the token is invalid, expired or names another user",
 }
 """Default human text for each error code, used when nothing more specific is known."""
 
@@ -236,6 +246,14 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True)
+class Refresh:
+    """A new token for an open connection, before the one it opened with expires."""
+
+    id: CommandId
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     id: CommandId
     feed: str
@@ -249,7 +267,16 @@ class Unsubscribe:
 
 
 Command: TypeAlias = (
-    Join | Leave | Publish | Typing | PresenceQuery | History | Ping | Subscribe | Unsubscribe
+    Join
+    | Leave
+    | Publish
+    | Typing
+    | PresenceQuery
+    | History
+    | Ping
+    | Refresh
+    | Subscribe
+    | Unsubscribe
 )
 
 
@@ -377,6 +404,13 @@ def _parse_ping(obj: dict[str, Any], command_id: CommandId, max_body_bytes: int)
     return Ping(command_id)
 
 
+def _parse_refresh(obj: dict[str, Any], command_id: CommandId, max_body_bytes: int) -> Command:
+    token = obj.get("token")
+    if type(token) is not str or not 1 <= len(token) <= MAX_TOKEN_CHARS:
+        raise _bad(command_id, f"field 'token' must be a string of 1-{MAX_TOKEN_CHARS} characters")
+    return Refresh(command_id, token)
+
+
 def _parse_subscribe(obj: dict[str, Any], command_id: CommandId, max_body_bytes: int) -> Command:
     feed = _name(obj, "feed", command_id)
     return Subscribe(command_id, feed, _since(obj, command_id))
@@ -396,11 +430,13 @@ _CHAT_PARSERS: dict[str, _Parser] = {
     "presence": _parse_presence,
     "history": _parse_history,
     "ping": _parse_ping,
+    "refresh": _parse_refresh,
 }
 _LIVE_PARSERS: dict[str, _Parser] = {
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,
     "ping": _parse_ping,
+    "refresh": _parse_refresh,
 }
 _PARSERS: dict[str, dict[str, _Parser]] = {"chat": _CHAT_PARSERS, "live": _LIVE_PARSERS}
 _OTHER_ENDPOINT: dict[str, tuple[str, dict[str, _Parser]]] = {
@@ -473,17 +509,34 @@ def welcome(
     heartbeat: float,
     limits: dict[str, Any],
 ) -> bytes:
-    """The server's first frame on a connection."""
+    """The server's first frame on a connection. `expires_at` (when the token says) tells the
+    client by when to send `refresh`, or be closed with 4401."""
+    frame: dict[str, Any] = {
+        "type": "welcome",
+        "session": session,
+        "node": node,
+        "user": {"id": user.id, "name": user.name},
+        "heartbeat": heartbeat,
+        "limits": limits,
+    }
+    if user.expires_at is not None:
+        frame["expires_at"] = _number(user.expires_at)
+    return orjson.dumps(frame)
+
+
+def refreshed(id: CommandId, expires_at: float | None) -> bytes:
+    """Reply to `refresh`: the connection now lives until the new token's expiry."""
     return orjson.dumps(
         {
-            "type": "welcome",
-            "session": session,
-            "node": node,
-            "user": {"id": user.id, "name": user.name},
-            "heartbeat": heartbeat,
-            "limits": limits,
+            "type": "refreshed",
+            "id": id,
+            "expires_at": None if expires_at is None else _number(expires_at),
         }
     )
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
 
 
 def joined(
@@ -491,23 +544,38 @@ def joined(
     room: str,
     epoch: str,
     offset: int,
-    presence: Sequence[dict[str, Any]],
+    presence: Sequence[dict[str, Any]] | bytes,
     recovered: bool,
     missed_frames: Sequence[bytes],
+    *,
+    already_joined: bool = False,
+    presence_truncated: bool = False,
 ) -> bytes:
-    """Reply to `join`. `missed_frames` are encoded `message` events, spliced in unparsed."""
-    return orjson.dumps(
-        {
-            "type": "joined",
-            "id": id,
-            "room": room,
-            "epoch": epoch,
-            "offset": offset,
-            "presence": list(presence),
-            "recovered": recovered,
-            "missed": _array(missed_frames),
-        }
-    )
+    """Reply to `join`. `missed_frames` are encoded `message` events, spliced in unparsed;
+    `presence` may come encoded (a JSON array's bytes).
+
+    `already_joined` marks the answer to a repeat join, made from this node's own state
+    (no backend is asked): `presence` is then not repeated and comes empty.
+    `presence_truncated` says the member list was cut to fit one reply."""
+    frame: dict[str, Any] = {
+        "type": "joined",
+        "id": id,
+        "room": room,
+        "epoch": epoch,
+        "offset": offset,
+        "presence": _list(presence),
+        "recovered": recovered,
+        "missed": _array(missed_frames),
+    }
+    if already_joined:
+        frame["already_joined"] = True
+    if presence_truncated:
+        frame["presence_truncated"] = True
+    return orjson.dumps(frame)
+
+
+def _list(values: Sequence[Any] | bytes) -> Any:
+    return orjson.Fragment(values) if isinstance(values, bytes) else list(values)
 
 
 def left(id: CommandId, room: str) -> bytes:
@@ -527,9 +595,19 @@ def typing_event(room: str, user: UserInfo) -> bytes:
     )
 
 
-def presence_reply(id: CommandId, room: str, members: Sequence[dict[str, Any]]) -> bytes:
-    """Reply to `presence`; members as `{"user": {...}, "connections": n}`."""
-    return orjson.dumps({"type": "presence", "id": id, "room": room, "members": list(members)})
+def presence_reply(
+    id: CommandId,
+    room: str,
+    members: Sequence[dict[str, Any]] | bytes,
+    *,
+    members_truncated: bool = False,
+) -> bytes:
+    """Reply to `presence`; members as `{"user": {...}, "connections": n}` (or their JSON
+    array, encoded). `members_truncated` says the list was cut to fit one reply."""
+    frame: dict[str, Any] = {"type": "presence", "id": id, "room": room, "members": _list(members)}
+    if members_truncated:
+        frame["members_truncated"] = True
+    return orjson.dumps(frame)
 
 
 def presence_diff(
@@ -603,21 +681,27 @@ def subscribed(
     snapshot_json: bytes,
     recovered: bool,
     missed_frames: Sequence[bytes],
+    *,
+    snapshot_truncated: bool = False,
 ) -> bytes:
     """Reply to `subscribe`. `snapshot_json` is an encoded JSON value (`b"null"` for none) and
-    `missed_frames` encoded `update` events; both are spliced in unparsed."""
-    return orjson.dumps(
-        {
-            "type": "subscribed",
-            "id": id,
-            "feed": feed,
-            "epoch": epoch,
-            "offset": offset,
-            "snapshot": orjson.Fragment(snapshot_json),
-            "recovered": recovered,
-            "missed": _array(missed_frames),
-        }
-    )
+    `missed_frames` encoded `update` events; both are spliced in unparsed.
+
+    `snapshot_truncated` says the snapshot was cut to fit one reply (a list keeps its newest
+    entries; anything else becomes null): the rest is for the REST API to page through."""
+    frame: dict[str, Any] = {
+        "type": "subscribed",
+        "id": id,
+        "feed": feed,
+        "epoch": epoch,
+        "offset": offset,
+        "snapshot": orjson.Fragment(snapshot_json),
+        "recovered": recovered,
+        "missed": _array(missed_frames),
+    }
+    if snapshot_truncated:
+        frame["snapshot_truncated"] = True
+    return orjson.dumps(frame)
 
 
 def unsubscribed(id: CommandId, feed: str) -> bytes:

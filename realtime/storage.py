@@ -133,4 +133,10 @@ class StorageLedger(ABC):
 class RoomAccess(ABC):
     @abstractmethod
     async def can_access(self, room: str, user: UserInfo) -> bool:
-        """False only for a private room the user is not a member of."""
+        """False only for a private room the user is not a member of. May record a public
+        room on first use (a join)."""
+
+    async def can_read(self, room: str, user: UserInfo) -> bool:
+        """As `can_access`, for reads (history, presence): records nothing, so a read of an
+        unknown name leaves no trace and takes no name."""
+        return await self.can_access(room, user)

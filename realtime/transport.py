@@ -74,6 +74,8 @@ class Outgoing:
 class _Transport(Protocol):
     def write(self, data: bytes) -> None: ...
 
+    def get_write_buffer_size(self) -> int: ...
+
 
 class DirectWriter:
     """Writes whole frames to one uvicorn connection's transport, as its `send` would."""
@@ -113,6 +115,7 @@ def direct_writer(send: Any) -> DirectWriter | None:
     if (
         transport is None
         or not callable(getattr(transport, "write", None))
+        or not callable(getattr(transport, "get_write_buffer_size", None))
         or not isinstance(writable, asyncio.Event)
         or not isinstance(conn, WebSocketsProtocol)
         or getattr(proto, "handshake_complete", None) is not True

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 @dataclass(frozen=True, slots=True)
 class UserInfo:
-    """The authenticated user behind a connection, as it appears on the wire (`{"id", "name"}`)."""
+    """The authenticated user behind a connection, as it appears on the wire (`{"id", "name"}`).
+
+    `role` and `expires_at` come from the token and decide what the connection may do and for
+    how long (feed authorization, closing at expiry). They are no part of the user's identity:
+    equality, hashing and the wire form use `id` and `name` only, so presence and messages
+    see the same user whichever token a connection carries.
+    """
 
     id: str
     name: str
+    role: str = field(default="user", compare=False)
+    # Unix seconds after which the token no longer holds; None for a token without expiry.
+    expires_at: float | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, str]:
         return {"id": self.id, "name": self.name}

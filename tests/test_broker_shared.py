@@ -183,6 +183,21 @@ async def test_offsets_start_at_one_and_go_up_by_exactly_one(backend: Backend) -
     assert await node.broker.position(room) == Position(start.epoch, 5)
 
 
+async def test_peek_position_reads_without_creating(backend: Backend) -> None:
+    """Reads (history, presence) peek: an unknown channel stays unknown, so a stranger's
+    reads leave nothing behind (issue 15)."""
+    node = await backend.node()
+    room = channel()
+    assert await node.broker.peek_position(room) is None
+    assert await node.broker.peek_position(room) is None
+    # Still unknown: the first `position` starts the channel, and peek then agrees with it.
+    start = await node.broker.position(room)
+    assert start.offset == 0
+    assert await node.broker.peek_position(room) == start
+    await publish(node.broker, room)
+    assert await node.broker.peek_position(room) == Position(start.epoch, 1)
+
+
 async def test_frame_is_json_with_broker_fields_first(backend: Backend) -> None:
     node = await backend.node()
     room = "room:" + uuid.uuid4().hex[:8] + ":with:colons"

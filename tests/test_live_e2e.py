@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("live")
-    node = ServerProcess(server_env(folder), folder / "server.log").start()
+    # `cpu` is a dashboard feed that guests may read; any other non-public feed is refused.
+    env = server_env(folder, {"COLLAB_PUBLIC_FEEDS": "items,stats,cpu"})
+    node = ServerProcess(env, folder / "server.log").start()
     try:
         yield node
     finally:

@@ -27,6 +27,7 @@ from realtime.protocol import (
     PresenceQuery,
     ProtocolError,
     Publish,
+    Refresh,
     Subscribe,
     Typing,
     Unsubscribe,
@@ -41,6 +42,7 @@ from realtime.protocol import (
     pong,
     presence_diff,
     presence_reply,
+    refreshed,
     subscribed,
     typing_event,
     unsubscribed,
@@ -299,6 +301,10 @@ MALFORMED: list[tuple[str, str | bytes, Endpoint, ErrorCode, int | str | None]] 
         BAD,
         6,
     ),
+    ("refresh, no token", frame(type="refresh", id=7), "chat", BAD, 7),
+    ("refresh, empty token", frame(type="refresh", id=7, token=""), "live", BAD, 7),
+    ("refresh, token too long", frame(type="refresh", id=7, token="t" * 4097), "chat", BAD, 7),
+    ("refresh, token not a string", frame(type="refresh", id=7, token=["t"]), "chat", BAD, 7),
 ]
 
 
@@ -496,6 +502,8 @@ GOOD: list[tuple[str, bytes, Endpoint, Command]] = [
         Subscribe(None, "items", None),
     ),
     ("unsubscribe", frame(type="unsubscribe", id=2, feed="items"), "live", Unsubscribe(2, "items")),
+    ("refresh on chat", frame(type="refresh", id=3, token="a.b.c"), "chat", Refresh(3, "a.b.c")),
+    ("refresh on live", frame(type="refresh", token="t" * 4096), "live", Refresh(None, "t" * 4096)),
 ]
 
 
@@ -555,6 +563,34 @@ def test_welcome() -> None:
         "heartbeat": 25,
         "limits": limits,
     }
+
+
+def test_welcome_with_expiry_and_refreshed() -> None:
+    user = UserInfo("42", "ann", role="user", expires_at=1_800_000_000.0)
+    keys, value = shape(welcome("c0a8", "node-1", user, 25, {}))
+    assert keys[-1] == "expires_at" and value["expires_at"] == 1_800_000_000
+    assert value["user"] == {"id": "42", "name": "ann"}  # role and expiry are not the user's
+    assert orjson.loads(refreshed(4, 1_800_000_060.0)) == {
+        "type": "refreshed",
+        "id": 4,
+        "expires_at": 1_800_000_060,
+    }
+    assert orjson.loads(refreshed(5, None))["expires_at"] is None
+
+
+def test_optional_truncation_and_repeat_markers_appear_only_when_true() -> None:
+    plain = orjson.loads(joined(1, "g", "e", 0, [], False, []))
+    assert "already_joined" not in plain and "presence_truncated" not in plain
+    marked = orjson.loads(
+        joined(1, "g", "e", 0, b"[]", False, [], already_joined=True, presence_truncated=True)
+    )
+    assert marked["already_joined"] is True and marked["presence_truncated"] is True
+    assert marked["presence"] == []
+    assert "members_truncated" not in orjson.loads(presence_reply(1, "g", []))
+    assert orjson.loads(presence_reply(1, "g", b"[]", members_truncated=True))["members_truncated"]
+    assert "snapshot_truncated" not in orjson.loads(subscribed(1, "f", "e", 0, b"null", False, []))
+    cut = subscribed(1, "f", "e", 0, b"[1]", False, [], snapshot_truncated=True)
+    assert orjson.loads(cut)["snapshot_truncated"] is True
 
 
 def test_joined_splices_missed_frames() -> None:
@@ -768,6 +804,8 @@ def test_error_codes_and_explanations() -> None:
         "forbidden",
         "not_joined",
         "too_large",
+        "too_many_channels",
+        "unauthorized",
         "rate_limited",
         "unavailable",
         "internal",

@@ -52,9 +52,13 @@ async def test_a_ticket_names_its_account_and_works_once(stores: StoreFactory) -
     assert len(ticket) >= 40
     # Two nodes try the same ticket at once: exactly one gets the account.
     results = await asyncio.gather(first.redeem(ticket), second.redeem(ticket))
-    assert sorted(results, key=str) == [(42, 7), None]
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1 and results.count(None) == 1
+    assert (winners[0].user_id, winners[0].version) == (42, 7)
     assert await first.redeem(ticket) is None
-    assert await second.redeem(await first.issue(43, 1)) == (43, 1)
+    holder = await second.redeem(await first.issue(43, 1, 1_900_000_000))
+    assert holder is not None
+    assert (holder.user_id, holder.version, holder.expires_at) == (43, 1, 1_900_000_000)
 
 
 async def test_expired_unknown_and_malformed_tickets_are_refused(stores: StoreFactory) -> None:

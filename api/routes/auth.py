@@ -6,9 +6,9 @@ from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.security import OAuth2PasswordRequestForm
 
 from api import schemas, services
-from api.deps import AuthRateLimit, Context, CurrentUser, SessionDep
+from api.deps import AuthRateLimit, Context, CurrentUser, SessionDep, oauth2_scheme
 from api.ratelimit import LoginFailureLimiter
-from api.security import create_access_token, verify_password
+from api.security import create_access_token, decode_access_token, verify_password
 from persistence.models import User
 from persistence.repositories import UserRepository
 
@@ -81,7 +81,9 @@ async def guest(
 
 
 @router.post("/ws-ticket", response_model=schemas.WsTicket)
-async def ws_ticket(user: CurrentUser, context: Context) -> schemas.WsTicket:
+async def ws_ticket(
+    user: CurrentUser, context: Context, token: Annotated[str | None, Depends(oauth2_scheme)]
+) -> schemas.WsTicket:
     """A one-use ticket to open one WebSocket (`/ws/chat?ticket=...`), valid for seconds.
 
     What a browser should put in a WebSocket URL instead of its token: URLs are logged, and a
@@ -90,7 +92,9 @@ async def ws_ticket(user: CurrentUser, context: Context) -> schemas.WsTicket:
     if context.tickets is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Tickets are not available")
     try:
-        ticket = await context.tickets.issue(user.id, user.token_version)
+        # The token was checked by CurrentUser; its expiry bounds the socket's life too.
+        expires_at = decode_access_token(context.config.secret_key, token or "").expires_at
+        ticket = await context.tickets.issue(user.id, user.token_version, expires_at)
     except Exception as exc:  # the ticket store (Redis) is unreachable
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,

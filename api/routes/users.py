@@ -8,15 +8,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
 
 from api import schemas, services
-from api.deps import AdminUser, Context, CurrentUser, SessionDep
+from api.deps import AdminUser, ApiContext, Context, CurrentUser, SessionDep
 from persistence.models import Role, User
 from persistence.repositories import UserRepository
 
+log = logging.getLogger("collab.api")
 router = APIRouter(prefix="/users", tags=["users"])
 UserId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Limit = Annotated[int, Query(ge=1, le=200)]
@@ -64,10 +66,32 @@ async def update_user(
     session: SessionDep,
     user: CurrentUser,
 ) -> User:
-    return await services.update_user(session, user, user_id, body, context.hashing)
+    target = await services.get_user(session, user_id)
+    version = target.token_version
+    updated = await services.update_user(session, user, user_id, body, context.hashing)
+    if updated.token_version != version:
+        # A password or role change ended the account's tokens: end its sockets too.
+        await _close_sockets(context, user_id, "password or role changed")
+    return updated
 
 
 @router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_user(user_id: UserId, session: SessionDep, user: CurrentUser) -> Response:
+async def delete_user(
+    user_id: UserId, session: SessionDep, user: CurrentUser, context: Context
+) -> Response:
     await services.delete_user(session, user, user_id)
+    await _close_sockets(context, user_id, "deleted")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+async def _close_sockets(context: ApiContext, user_id: int, why: str) -> None:
+    """Close the account's sockets on every node (4401): they were opened with credentials
+    that no longer hold."""
+    if context.realtime is None:
+        return
+    from realtime.broker import BrokerUnavailable
+
+    try:
+        await context.realtime.disconnect_user(str(user_id))
+    except BrokerUnavailable:
+        log.warning("user %s %s; other nodes could not be told to close its sockets", user_id, why)
