@@ -24,6 +24,8 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 
+from realtime.backends import is_shared
+
 MAX_TRACKED = 10_000
 
 
@@ -81,13 +83,18 @@ class LoginFailureLimiter:
         self.limit = limits.parse(limit)
         self._pool: Any = None
         self.storage: Storage
-        if broker_url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        if is_shared(broker_url):
             import redis.asyncio as redis
 
             # Our own pool, so the connections close with the app, and a hung Redis answers
             # 503 within seconds instead of holding sign-ins.
-            self._pool = redis.ConnectionPool.from_url(
-                broker_url, socket_timeout=5, socket_connect_timeout=5
+            # Blocking: a crowd signing in at once waits for a connection rather than failing.
+            self._pool = redis.BlockingConnectionPool.from_url(
+                broker_url,
+                socket_timeout=5,
+                socket_connect_timeout=5,
+                max_connections=64,
+                timeout=5,
             )
             self.storage = RedisStorage(
                 _limits_uri(broker_url),

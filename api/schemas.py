@@ -8,6 +8,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from realtime.protocol import NAME_PATTERN
+
 MAX_DATA_BYTES = 64 * 1024
 
 
@@ -31,7 +33,7 @@ def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-RoomName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:\-]{1,64}$")]
+RoomName = Annotated[str, StringConstraints(pattern=f"^{NAME_PATTERN}$")]
 Username = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{3,32}$")]
 Password = Annotated[
     str, StringConstraints(min_length=8, max_length=128), AfterValidator(_printable)

@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
+from realtime.backends import is_shared
+
 _TICKET = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
 MAX_MEMORY_TICKETS = 100_000
 
@@ -95,10 +97,10 @@ class RedisTicketStore:
     PREFIX = "collab:ws-ticket:"
 
     def __init__(self, url: str, ttl: float) -> None:
-        import redis.asyncio as redis
+        from realtime.redis_client import redis_client  # redis is an optional dependency
 
         self.ttl = ttl
-        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._redis = redis_client(url, timeout=5)
 
     async def issue(self, user_id: int, version: int, expires_at: float | None = None) -> str:
         ticket = secrets.token_urlsafe(32)
@@ -125,7 +127,6 @@ class RedisTicketStore:
 
 
 def ticket_store(broker_url: str, ttl: float) -> TicketStore:
-    scheme = broker_url.split("://", 1)[0]
-    if scheme in ("redis", "rediss", "unix"):
+    if is_shared(broker_url):
         return RedisTicketStore(broker_url, ttl)
     return MemoryTicketStore(ttl)

@@ -10,7 +10,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, assert_never
 
 from api.deps import ApiContext, token_holder
 from api.schemas import ItemOut
@@ -21,6 +21,7 @@ from persistence.history import DatabaseHistory, DatabaseRoomAccess
 from persistence.ledger import DatabaseLedger
 from persistence.repositories import ItemRepository
 from persistence.sink import DatabaseSink
+from realtime.backends import backend_kind
 from realtime.broker import Broker
 from realtime.endpoints import Authenticator, Credential
 from realtime.node import ROOM, Node, NodeLimits, presence_entry_ttl
@@ -38,8 +39,8 @@ ITEMS_SNAPSHOT_LIMIT = 1000
 def build_backends(
     settings: Settings, history: DatabaseHistory
 ) -> tuple[Broker, Presence, UserConnections]:
-    scheme = settings.broker_url.split("://", 1)[0]
-    if scheme == "memory":
+    kind = backend_kind(settings.broker_url)
+    if kind == "memory":
         from realtime.broker_memory import MemoryBroker
         from realtime.presence_memory import MemoryPresence
 
@@ -60,7 +61,7 @@ def build_backends(
             MemoryPresence(timeout=presence_entry_ttl(settings.presence_timeout)),
             UserConnections(),  # one node: the hub's own count is the whole count
         )
-    if scheme in ("redis", "rediss", "unix"):
+    if kind == "redis":
         from realtime.broker_redis import RedisBroker
         from realtime.presence_redis import RedisPresence
         from realtime.user_connections_redis import RedisUserConnections
@@ -81,7 +82,7 @@ def build_backends(
                 settings.broker_url, ttl=presence_entry_ttl(settings.presence_timeout)
             ),
         )
-    raise ValueError(f"COLLAB_BROKER_URL: unsupported scheme {scheme!r} (memory://, redis://)")
+    assert_never(kind)
 
 
 def build_sink(settings: Settings, sessions: SessionFactory) -> MessageSink:

@@ -14,6 +14,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from realtime.backends import backend_kind
+from realtime.protocol import NAME_PATTERN
+
 # Values that appear in docs and examples; a production server must never run on one.
 KNOWN_DEFAULT_SECRETS = frozenset(
     {"", "changeme", "change-me", "secret", "dev", "development", "collab", "please-change-me"}
@@ -144,9 +147,7 @@ class Settings(BaseSettings):
         if isinstance(value, list):
             for rule in value:
                 name = rule[:-1] if isinstance(rule, str) and rule.endswith("*") else rule
-                if not isinstance(name, str) or (
-                    name and not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", name)
-                ):
+                if not isinstance(name, str) or (name and not re.fullmatch(NAME_PATTERN, name)):
                     raise ValueError(f"not a feed name or prefix (name or prefix*): {rule!r}")
         return value
 
@@ -185,9 +186,7 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _known_broker(cls, value: str) -> str:
-        scheme = value.split("://", 1)[0]
-        if scheme not in ("memory", "redis", "rediss", "unix"):
-            raise ValueError("must start with memory://, redis://, rediss:// or unix://")
+        backend_kind(value)  # the one table of schemes; raises naming them
         return value
 
     @field_validator("database_url")

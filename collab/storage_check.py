@@ -230,6 +230,9 @@ class _Quiet:
     def on_event(self, channel: str, frame: bytes, exclude_user: str | None) -> None:
         return None
 
+    def on_presence(self, channel: str, frame: bytes) -> None:
+        return None
+
     def on_resubscribed(self, channels: list[str]) -> None:
         return None
 

@@ -37,12 +37,55 @@ Contract, for every implementation:
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+
 from realtime.types import Position
+
+# The frame every backend builds, and every node delivers as is ------------------------------
+
+_EPOCH = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # as room names: plain tokens in frames
+
+
+def channel_name(channel: str) -> str:
+    """The name a frame carries: `room:general` -> `general` (names may contain `:` too)."""
+    _, sep, rest = channel.partition(":")
+    return rest if sep else channel
+
+
+def build_frame(head: bytes, epoch: str, offset: int, fields: bytes) -> bytes:
+    """`head` is `{"type":<kind>,<name_key>:<name>`; broker-set members come before the
+    caller's, whose object braces are dropped so that no JSON is parsed or re-encoded."""
+    if not fields.startswith(b"{"):
+        raise ValueError("fields must be the bytes of a JSON object")
+    rest = fields[1:]
+    position = b',"epoch":"' + epoch.encode() + b'","offset":' + str(offset).encode()
+    if rest.strip() == b"}":
+        return head + position + b"}"
+    return head + position + b"," + rest
+
+
+def check_epoch(epoch: str) -> str:
+    """Epochs go into frames and pub/sub headers unescaped, so they must be plain tokens."""
+    if not _EPOCH.fullmatch(epoch):
+        raise ValueError(f"not a usable epoch: {epoch!r}")
+    return epoch
+
+
+def frame_head(kind: str, name_key: str, channel: str) -> bytes:
+    return (
+        b'{"type":'
+        + orjson.dumps(kind)
+        + b","
+        + orjson.dumps(name_key)
+        + b":"
+        + orjson.dumps(channel_name(channel))
+    )
 
 
 class BrokerUnavailable(Exception):
@@ -83,6 +126,10 @@ class BrokerHandler(Protocol):
     def on_publication(self, publication: Publication) -> None: ...
 
     def on_event(self, channel: str, frame: bytes, exclude_user: str | None) -> None: ...
+
+    def on_presence(self, channel: str, frame: bytes) -> None:
+        """A presence event (joins and leaves): a kind of its own, so that members that asked
+        for no presence events are spared without anyone reading the frame."""
 
     def on_resubscribed(self, channels: list[str]) -> None:
         """The broker lost its connection and came back: anything may have been missed on
@@ -133,10 +180,16 @@ class Broker(ABC):
 
     @abstractmethod
     async def publish_event(
-        self, channel: str, frame: bytes, *, exclude_user: str | None = None
+        self,
+        channel: str,
+        frame: bytes,
+        *,
+        exclude_user: str | None = None,
+        presence: bool = False,
     ) -> None:
         """An ephemeral frame to the channel's members on every node, in no particular order
-        relative to publications."""
+        relative to publications; `presence` frames reach `on_presence`, the others
+        `on_event`."""
 
     @abstractmethod
     async def position(self, channel: str) -> Position:

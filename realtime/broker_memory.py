@@ -8,12 +8,9 @@ publish path is the position seed, and state is re-checked after it.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-
-import orjson
 
 from realtime.broker import (
     Broker,
@@ -22,6 +19,9 @@ from realtime.broker import (
     Publication,
     PublishResult,
     StorageMark,
+    build_frame,
+    check_epoch,
+    frame_head,
 )
 from realtime.types import Position, new_epoch
 
@@ -32,44 +32,6 @@ log = logging.getLogger(__name__)
 # Idempotency keys are remembered for `idempotency_ttl`, but never more than this many at once:
 # a flood of unique keys must not grow memory without bound. The oldest go first.
 _MAX_IDEMPOTENCY_KEYS = 100_000
-
-_EPOCH = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-
-
-def channel_name(channel: str) -> str:
-    """The name a frame carries: `room:general` -> `general` (names may contain `:` too)."""
-    _, sep, rest = channel.partition(":")
-    return rest if sep else channel
-
-
-def build_frame(head: bytes, epoch: str, offset: int, fields: bytes) -> bytes:
-    """`head` is `{"type":<kind>,<name_key>:<name>`; broker-set members come before the
-    caller's, whose object braces are dropped so that no JSON is parsed or re-encoded."""
-    if not fields.startswith(b"{"):
-        raise ValueError("fields must be the bytes of a JSON object")
-    rest = fields[1:]
-    position = b',"epoch":"' + epoch.encode() + b'","offset":' + str(offset).encode()
-    if rest.strip() == b"}":
-        return head + position + b"}"
-    return head + position + b"," + rest
-
-
-def check_epoch(epoch: str) -> str:
-    """Epochs go into frames and pub/sub headers unescaped, so they must be plain tokens."""
-    if not _EPOCH.fullmatch(epoch):
-        raise ValueError(f"not a usable epoch: {epoch!r}")
-    return epoch
-
-
-def frame_head(kind: str, name_key: str, channel: str) -> bytes:
-    return (
-        b'{"type":'
-        + orjson.dumps(kind)
-        + b","
-        + orjson.dumps(name_key)
-        + b":"
-        + orjson.dumps(channel_name(channel))
-    )
 
 
 @dataclass(slots=True)
@@ -199,12 +161,20 @@ class MemoryBroker(Broker):
         return PublishResult(epoch=state.epoch, offset=offset, msg_id=msg_id, frame=frame)
 
     async def publish_event(
-        self, channel: str, frame: bytes, *, exclude_user: str | None = None
+        self,
+        channel: str,
+        frame: bytes,
+        *,
+        exclude_user: str | None = None,
+        presence: bool = False,
     ) -> None:
         handler = self._handler
         if handler is not None and channel in self._subscribed:
             try:
-                handler.on_event(channel, frame, exclude_user)
+                if presence:
+                    handler.on_presence(channel, frame)
+                else:
+                    handler.on_event(channel, frame, exclude_user)
             except Exception:
                 log.exception("broker handler failed on an event to %s", channel)
 

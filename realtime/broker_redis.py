@@ -20,7 +20,8 @@ part of the name: two deployments on different databases of one Redis never hear
 Payloads carry what the listener needs without parsing JSON:
 
 - publication: `b"m" + epoch + b" " + offset + b"\\n" + frame`
-- event: `b"e\\n" + frame`, or `b"x" + exclude_user + b"\\n" + frame`
+- event: `b"e\\n" + frame`, or `b"x" + exclude_user + b"\\n" + frame`; a presence event
+  `b"p\\n" + frame`
 
 Failure model: every command runs once (no retry; a blind retry of the publish script could
 publish twice) with 2 s socket timeouts, and a connection or timeout error becomes
@@ -51,9 +52,11 @@ from realtime.broker import (
     Publication,
     PublishResult,
     StorageMark,
+    build_frame,
+    check_epoch,
+    frame_head,
 )
-from realtime.broker_memory import build_frame, check_epoch, frame_head
-from realtime.redis_client import redis_client
+from realtime.redis_client import lua_script, redis_client
 from realtime.types import Position, new_epoch
 
 __all__ = ["RedisBroker"]
@@ -72,128 +75,28 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
 
 # Writes are ordered so that a failing XADD (the only command that can fail on good input)
 # leaves nothing changed: Redis does not roll a script back.
-_PUBLISH_LUA = """
-local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
-if idem then
-  local first = redis.call('GET', idem)
-  if first then
-    local epoch, offset = string.match(first, '^(%S+) (%d+) ')
-    local frame = false
-    if redis.call('HGET', meta, 'e') == epoch then
-      local entry = redis.call('XRANGE', stream, offset .. '-0', offset .. '-0')
-      if #entry == 1 then frame = entry[1][2][2] end
-    end
-    return {1, first, frame}
-  end
-end
-local m = redis.call('HMGET', meta, 'e', 'o', 's')
-local epoch, last, stored = m[1], m[2], m[3]
-if not epoch then
-  if ARGV[7] == '' then return {2} end
-  epoch, last, stored = ARGV[7], ARGV[8], ARGV[8]
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'e', epoch, 'o', last, 's', last)
-end
-local offset = string.format('%d', tonumber(last) + 1)
-local rest = string.sub(ARGV[2], 2)
-local frame
-if string.find(rest, '^%s*}%s*$') then
-  frame = ARGV[1] .. ',"epoch":"' .. epoch .. '","offset":' .. offset .. '}'
-else
-  frame = ARGV[1] .. ',"epoch":"' .. epoch .. '","offset":' .. offset .. ',' .. rest
-end
-if ARGV[9] == '1' then
-  -- A durable channel's window keeps what is not confirmed stored (up to ARGV[10]).
-  if not stored then
-    stored = last  -- a channel from before storage marks: what came before counts as stored
-    redis.call('HSET', meta, 's', last)
-  end
-  redis.call('XADD', stream, offset .. '-0', 'f', frame)
-  local keep = tonumber(offset) - tonumber(ARGV[4]) + 1
-  local above = tonumber(stored) + 1
-  if above < keep then
-    keep = math.max(above, tonumber(offset) - tonumber(ARGV[10]) + 1)
-  end
-  if keep > 1 then
-    redis.call('XTRIM', stream, 'MINID', string.format('%d', keep) .. '-0')
-  end
-else
-  redis.call('XADD', stream, 'MAXLEN', ARGV[4], offset .. '-0', 'f', frame)
-end
-redis.call('HSET', meta, 'o', offset)
-redis.call('PUBLISH', ARGV[6], 'm' .. epoch .. ' ' .. offset .. '\\n' .. frame)
-if idem then
-  redis.call('SET', idem, epoch .. ' ' .. offset .. ' ' .. ARGV[3], 'PX', ARGV[5])
-end
-return {0, epoch, offset}
-"""
+_PUBLISH_LUA = lua_script("broker_publish.lua")
 
 # Creating the meta is the SETNX of a channel's life: whoever comes first names the epoch.
-_ENSURE_LUA = """
-local m = redis.call('HMGET', KEYS[1], 'e', 'o')
-if m[1] then return m end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'e', ARGV[1], 'o', ARGV[2], 's', ARGV[2])
-return {ARGV[1], ARGV[2]}
-"""
+_ENSURE_LUA = lua_script("broker_ensure.lua")
 
 # Meta and window read together, so the offsets checked belong to the epoch compared.
-_RECENT_LUA = """
-local m = redis.call('HMGET', KEYS[1], 'e', 'o')
-if not m[1] then return {} end
-local top, since = tonumber(m[2]), tonumber(ARGV[2])
-if m[1] ~= ARGV[1] or since > top or top - since > tonumber(ARGV[3]) then
-  return {m[1], m[2]}
-end
-if since == top then return {m[1], m[2], {}} end
-local first = string.format('%d', since + 1) .. '-0'
-return {m[1], m[2], redis.call('XRANGE', KEYS[2], first, '+')}
-"""
+_RECENT_LUA = lua_script("broker_recent.lua")
 
 
 # The window between two offsets, only in the epoch asked about.
-_WINDOW_LUA = """
-if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return {} end
-return redis.call('XRANGE', KEYS[2], ARGV[2] .. '-0', ARGV[3] .. '-0')
-"""
+_WINDOW_LUA = lua_script("broker_window.lua")
 
 # Raise the storage mark (never lower it, never past the top) and trim what it frees.
-_CONFIRM_LUA = """
-local m = redis.call('HMGET', KEYS[1], 'e', 'o', 's')
-if not m[1] then return {} end
-local top = tonumber(m[2])
-local stored = tonumber(m[3] or m[2])
-if m[1] == ARGV[1] then
-  local target = math.min(tonumber(ARGV[2]), top)
-  if target > stored then
-    stored = target
-    redis.call('HSET', KEYS[1], 's', string.format('%d', stored))
-  end
-  local keep = math.min(top - tonumber(ARGV[3]) + 1, stored + 1)
-  if keep > 1 then
-    redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', keep) .. '-0')
-  end
-end
-return {m[1], m[2], string.format('%d', stored)}
-"""
+_CONFIRM_LUA = lua_script("broker_confirm.lua")
 
 # Scored by Redis's own clock, so that nodes whose clocks differ agree on idleness.
-_MARK_LUA = """
-redis.call('ZADD', KEYS[1], redis.call('TIME')[1], ARGV[1])
-"""
+_MARK_LUA = lua_script("broker_mark.lua")
 
 # A channel leaves the set only when all it published is confirmed and nobody published to it
 # for ARGV[2] seconds. A node re-marks a channel at most every `_MARK_REFRESH` seconds, and
 # ARGV[2] is longer than that, so a publish that this removal could miss cannot exist.
-_UNMARK_LUA = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score then return 0 end
-local m = redis.call('HMGET', KEYS[2], 'o', 's')
-if m[1] and m[1] ~= (m[2] or m[1]) then return 0 end
-if tonumber(score) > tonumber(redis.call('TIME')[1]) - tonumber(ARGV[2]) then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-return 1
-"""
+_UNMARK_LUA = lua_script("broker_unmark.lua")
 _MARK_REFRESH = 5.0
 _UNMARK_IDLE = 20
 
@@ -571,6 +474,8 @@ class RedisBroker(Broker):
                 )
             elif marker == b"e":
                 handler.on_event(channel, payload[newline + 1 :], None)
+            elif marker == b"p":
+                handler.on_presence(channel, payload[newline + 1 :])
             elif marker == b"x":
                 handler.on_event(channel, payload[newline + 1 :], payload[1:newline].decode())
             else:
@@ -646,9 +551,16 @@ class RedisBroker(Broker):
         )
 
     async def publish_event(
-        self, channel: str, frame: bytes, *, exclude_user: str | None = None
+        self,
+        channel: str,
+        frame: bytes,
+        *,
+        exclude_user: str | None = None,
+        presence: bool = False,
     ) -> None:
-        if exclude_user is None:
+        if presence:
+            payload = b"p\n" + frame
+        elif exclude_user is None:
             payload = b"e\n" + frame
         else:
             if "\n" in exclude_user:

@@ -33,8 +33,6 @@ from realtime.types import Position
 
 log = logging.getLogger("collab.realtime")
 
-_PRESENCE_DIFF_PREFIX = b'{"type":"presence_diff"'
-
 
 @dataclass(slots=True)
 class Member:
@@ -266,15 +264,22 @@ class Hub:
                 control(frame)
             return
         out = Outgoing(frame)
-        is_presence = frame.startswith(_PRESENCE_DIFF_PREFIX)
         for member in channel.members.values():
             if member.pending is not None:
                 continue  # its reply carries the state this event would change
-            if is_presence and not member.presence_events:
-                continue
             if exclude_user is not None and member.conn.user.id == exclude_user:
                 continue
             member.conn.deliver(out)
+
+    def on_presence(self, channel_name: str, frame: bytes) -> None:
+        channel = self.channels.get(channel_name)
+        if channel is None:
+            return
+        out = Outgoing(frame)
+        for member in channel.members.values():
+            # A pending member's reply carries the presence this event would change.
+            if member.pending is None and member.presence_events:
+                member.conn.deliver(out)
 
     def on_resubscribed(self, channels: list[str]) -> None:
         for name in channels:

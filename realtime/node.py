@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, assert_never
 
 import orjson
 
@@ -218,12 +218,12 @@ class Node:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def admit(self, user: UserInfo) -> p.CloseCode | int | None:
+    def admit(self, user: UserInfo) -> p.CloseCode | None:
         """Why a new connection of `user` may not open now, or None."""
         if self.closing:
             return p.CloseCode.GOING_AWAY
         if len(self.hub.connections) >= self.limits.max_connections:
-            return 1013  # RFC 6455 "try again later": this node is full, another may not be
+            return p.CloseCode.TRY_AGAIN_LATER  # this node is full; another may not be
         if self.hub.user_connections.get(user.id, 0) >= self.limits.max_connections_per_user:
             return p.CloseCode.TOO_MANY_CONNECTIONS
         return None
@@ -340,27 +340,36 @@ class Node:
     # -- commands ------------------------------------------------------------------------------
 
     async def handle(self, conn: Connection, command: p.Command) -> bytes | None:
-        """Carry out one command; the reply frame (None when the command has none)."""
-        if isinstance(command, p.Publish):
-            return await self.publish(conn, command)
-        if isinstance(command, p.Ping):
-            return p.pong(command.id)
-        if isinstance(command, p.Typing):
-            return await self.typing(conn, command)
-        if isinstance(command, p.Join):
-            return await self.join(conn, command)
-        if isinstance(command, p.Leave):
-            return await self.leave(conn, command)
-        if isinstance(command, p.PresenceQuery):
-            return await self.presence_query(conn, command)
-        if isinstance(command, p.History):
-            return await self.history_query(conn, command)
-        if isinstance(command, p.Subscribe):
-            return await self.subscribe(conn, command)
-        if isinstance(command, p.Refresh):
-            # The endpoint checks the token (it holds the authenticator) and calls `refresh`.
-            raise p.ProtocolError(p.ErrorCode.INTERNAL, "refresh is handled by the endpoint")
-        return await self.unsubscribe(conn, command)
+        """Carry out one command; the reply frame (None when the command has none).
+
+        Exhaustive: a command type added to `protocol.Command` and not handled here fails
+        type checking (`assert_never`), not silently at run time.
+        """
+        match command:
+            case p.Publish():
+                return await self.publish(conn, command)
+            case p.Ping():
+                return p.pong(command.id)
+            case p.Typing():
+                return await self.typing(conn, command)
+            case p.Join():
+                return await self.join(conn, command)
+            case p.Leave():
+                return await self.leave(conn, command)
+            case p.PresenceQuery():
+                return await self.presence_query(conn, command)
+            case p.History():
+                return await self.history_query(conn, command)
+            case p.Subscribe():
+                return await self.subscribe(conn, command)
+            case p.Unsubscribe():
+                return await self.unsubscribe(conn, command)
+            case p.Refresh():
+                # The endpoint checks the token (it holds the authenticator) and calls
+                # `refresh`; one that reaches here is a wiring bug.
+                raise p.ProtocolError(p.ErrorCode.INTERNAL, "refresh is handled by the endpoint")
+            case _:
+                assert_never(command)
 
     async def _check_access(
         self, room: str, user: UserInfo, command_id: p.CommandId, *, read_only: bool = False
@@ -795,7 +804,7 @@ class Node:
 
     async def _publish_event(self, channel: str, frame: bytes) -> None:
         try:
-            await self.broker.publish_event(channel, frame)
+            await self.broker.publish_event(channel, frame, presence=True)
         except BrokerUnavailable:
             log.warning("presence event for %s not sent: broker unavailable", channel)
 

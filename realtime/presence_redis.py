@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from realtime.presence import Member, Presence, PresenceUnavailable
-from realtime.redis_client import redis_client
+from realtime.redis_client import lua_script, redis_client
 from realtime.types import UserInfo
 
 __all__ = ["RedisPresence"]
@@ -45,91 +45,19 @@ _SOCKET_TIMEOUT = 2.0
 _EXPIRE_BATCH = 1000  # stale connections removed per script call: no long-running script
 _PIPELINE_ROOMS = 500
 
-_NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
 
 # Returns 1 when this is the user's first connection in the room.
-_ADD_LUA = (
-    _NOW_MS
-    + """
-local prev = redis.call('HGET', KEYS[1], ARGV[1])
-if prev then
-  local prev_user = cjson.decode(prev)[1]
-  if prev_user ~= ARGV[3] then
-    if redis.call('HINCRBY', KEYS[3], prev_user, -1) <= 0 then
-      redis.call('HDEL', KEYS[3], prev_user)
-      redis.call('HDEL', KEYS[4], prev_user)
-    end
-    prev = false
-  end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
-if not prev and redis.call('HINCRBY', KEYS[3], ARGV[3], 1) == 1 then
-  return 1
-end
-return 0
-"""
-)
+_ADD_LUA = lua_script("presence_add.lua")
 
 # Returns the entry when it was the user's last connection in the room, else nil.
-_REMOVE_LUA = """
-local prev = redis.call('HGET', KEYS[1], ARGV[1])
-if not prev then return false end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-local user = cjson.decode(prev)[1]
-if redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
-  redis.call('HDEL', KEYS[3], user)
-  redis.call('HDEL', KEYS[4], user)
-  return prev
-end
-return false
-"""
+_REMOVE_LUA = lua_script("presence_remove.lua")
 
 # Only entries that exist: a refresh racing a remove or an expiry must not bring a half entry
 # back. The ones not found are returned; their owner decides whether to add them again.
-_REFRESH_LUA = (
-    _NOW_MS
-    + """
-local missing = {}
-for i = 1, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i])
-  else
-    table.insert(missing, ARGV[i])
-  end
-end
-return missing
-"""
-)
+_REFRESH_LUA = lua_script("presence_refresh.lua")
 
 # Returns {stale connections removed, connections left, entries of users who left}.
-_EXPIRE_LUA = (
-    _NOW_MS
-    + """
-local cutoff = string.format('%d', now - tonumber(ARGV[1]))
-local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. cutoff, 'LIMIT', 0, ARGV[2])
-local left = {}
-for _, conn in ipairs(stale) do
-  redis.call('ZREM', KEYS[2], conn)
-  local prev = redis.call('HGET', KEYS[1], conn)
-  if prev then
-    redis.call('HDEL', KEYS[1], conn)
-    local user = cjson.decode(prev)[1]
-    if redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
-      redis.call('HDEL', KEYS[3], user)
-      redis.call('HDEL', KEYS[4], user)
-      table.insert(left, prev)
-    end
-  end
-end
-return {#stale, redis.call('HLEN', KEYS[1]), left}
-"""
-)
+_EXPIRE_LUA = lua_script("presence_expire.lua")
 
 
 @contextlib.contextmanager

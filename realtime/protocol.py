@@ -92,7 +92,9 @@ _INT64_MAX = 2**63 - 1
 
 # PROTOCOL.md: "Room and feed names: 1 to 64 characters of `A-Z a-z 0-9 _ - . :`".
 # fullmatch, so a trailing newline is no loophole (as it would be with `$`).
-_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}", re.ASCII)
+# Room and feed names (and epochs): the one pattern that REST paths, schemas and settings use.
+NAME_PATTERN = r"[A-Za-z0-9_.:\-]{1,64}"
+_NAME_RE = re.compile(NAME_PATTERN, re.ASCII)
 # Control characters (C0, DEL, C1) in an id: a database may refuse them (PostgreSQL refuses
 # NUL in text), and no client needs them; refused at the door, they never reach storage.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -113,6 +115,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
     UNAUTHORIZED = 4401
     FORBIDDEN_ORIGIN = 4403
     TOO_SLOW = 4408
@@ -125,6 +128,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.POLICY_VIOLATION: "kept sending after rate_limited; reconnect later",
     CloseCode.MESSAGE_TOO_BIG: "frame over the frame size limit",
     CloseCode.INTERNAL_ERROR: "internal error; reconnect and recover",
+    CloseCode.TRY_AGAIN_LATER: "this node is full; try again later (another node may not be)",
     CloseCode.UNAUTHORIZED: "missing, invalid or expired token",
     CloseCode.FORBIDDEN_ORIGIN: "origin not allowed",
     CloseCode.TOO_SLOW: "too slow: outgoing queue overflowed; reconnect and recover",

@@ -15,6 +15,7 @@ same timeouts for connecting and reading.
 from __future__ import annotations
 
 import re
+from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -39,3 +40,9 @@ def redis_client(url: str, *, timeout: float, client_name: str = "") -> aioredis
         url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT, **options
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+
+
+def lua_script(name: str) -> str:
+    """A Redis script of `realtime/lua/`: kept as files so they read (and lint) as Lua, as
+    centrifuge keeps its `internal/redis_lua/*.lua`."""
+    return resources.files("realtime").joinpath("lua", name).read_text(encoding="utf-8")

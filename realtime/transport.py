@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from websockets.protocol import Protocol as WebSocketsProtocol
 from websockets.protocol import State
@@ -33,9 +33,6 @@ try:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 except ImportError:  # pragma: no cover - a uvicorn without it: ASGI send for everyone
     WebSocketsSansIOProtocol = None  # type: ignore[assignment,misc]
-
-if TYPE_CHECKING:
-    from realtime.connection import Connection
 
 log = logging.getLogger("collab.realtime")
 
@@ -128,6 +125,15 @@ def direct_writer(send: Any) -> DirectWriter | None:
     return DirectWriter(proto, transport, writable)
 
 
+class Flushable(Protocol):
+    """What the outbox needs of a connection: imports go from connection to transport only."""
+
+    conn_id: str
+
+    def flush(self) -> None:
+        """Write what this loop turn gave the connection, in one go."""
+
+
 class Outbox:
     """The connections with frames written during this loop turn; flushed once, after it.
 
@@ -138,10 +144,10 @@ class Outbox:
     __slots__ = ("_dirty", "_scheduled")
 
     def __init__(self) -> None:
-        self._dirty: list[Connection] = []
+        self._dirty: list[Flushable] = []
         self._scheduled = False
 
-    def add(self, conn: Connection) -> None:
+    def add(self, conn: Flushable) -> None:
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True

@@ -10,14 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from realtime.redis_client import lua_script, redis_client
 from realtime.user_connections import UserConnections, UserConnectionsUnavailable
 
 __all__ = ["RedisUserConnections"]
@@ -27,38 +25,13 @@ log = logging.getLogger(__name__)
 _SOCKET_TIMEOUT = 2.0
 _PIPELINE_USERS = 500
 
-_NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
 
 # ARGV: conn_id, limit, ttl_ms. Returns 1 when recorded (or already there), 0 at the limit.
-_CLAIM_LUA = (
-    _NOW_MS
-    + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1])
-   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-)
+_CLAIM_LUA = lua_script("user_connections_claim.lua")
 
 # ARGV: ttl_ms, conn_id...  Only entries that exist: a refresh racing a release must not
 # bring a closed connection back.
-_REFRESH_LUA = (
-    _NOW_MS
-    + """
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return 0
-"""
-)
+_REFRESH_LUA = lua_script("user_connections_refresh.lua")
 
 
 @contextlib.contextmanager
@@ -76,13 +49,7 @@ def _key(user_id: str) -> str:
 class RedisUserConnections(UserConnections):
     def __init__(self, url: str, *, ttl: float = 30.0) -> None:
         self.ttl = ttl
-        options: dict[str, Any] = {
-            "socket_timeout": _SOCKET_TIMEOUT,
-            "socket_connect_timeout": _SOCKET_TIMEOUT,
-            "retry": Retry(NoBackoff(), 0),
-            "protocol": 2,
-        }
-        self._client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+        self._client: aioredis.Redis = redis_client(url, timeout=_SOCKET_TIMEOUT)
         self._claim = self._client.register_script(_CLAIM_LUA)
         self._refresh = self._client.register_script(_REFRESH_LUA)
 

@@ -18,6 +18,7 @@ from realtime.presence import Member, Presence, PresenceUnavailable
 from realtime.presence_memory import MemoryPresence
 from realtime.presence_redis import RedisPresence
 from realtime.types import UserInfo
+from tests import backends
 from tests.services import free_port
 
 ANN = UserInfo("1", "ann")
@@ -67,12 +68,9 @@ class Backend:
             self.clock.now += seconds
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=backends.KINDS)
 def backend_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    url: str = request.getfixturevalue("redis_url")
-    return url
+    return backends.backend_url(request)
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@ from pydantic import BaseModel
 
 from api import schemas
 from api.deps import Context, ServiceUser
+from realtime.protocol import NAME_PATTERN
 
 router = APIRouter(prefix="/feeds", tags=["feeds"])
-FeedPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:\-]{1,64}$")]
+FeedPath = Annotated[str, Path(pattern=f"^{NAME_PATTERN}$")]
 BUILT_IN = {"items"}
 
 

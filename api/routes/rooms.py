@@ -8,9 +8,10 @@ from api import schemas, services
 from api.deps import Context, CurrentUser, SessionDep
 from persistence.models import Room
 from persistence.repositories import RoomRepository
+from realtime.protocol import NAME_PATTERN
 
 router = APIRouter(prefix="/rooms", tags=["rooms"])
-RoomPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:\-]{1,64}$")]
+RoomPath = Annotated[str, Path(pattern=f"^{NAME_PATTERN}$")]
 Limit = Annotated[int, Query(ge=1, le=200)]
 Offset = Annotated[int, Query(ge=0, le=10**9)]
 Cursor = Annotated[int | None, Query(ge=0, le=2**62)]
@@ -46,7 +47,7 @@ async def room_messages(
     before: Cursor = None,
     after: Cursor = None,
     limit: Limit = 50,
-    epoch: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.:\-]{1,64}$")] = None,
+    epoch: Annotated[str | None, Query(pattern=f"^{NAME_PATTERN}$")] = None,
 ) -> schemas.MessageList:
     """Durable history, oldest first. `after` pages forward, `before` (or neither) backward.
 
