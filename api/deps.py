@@ -30,8 +30,6 @@ class Realtime(Protocol):
 
     async def publish_feed(self, feed: str, data: Any) -> Position: ...
 
-    async def publish_item_change(self, op: str, item: dict[str, Any]) -> None: ...
-
     async def disconnect_user(self, user_id: str, code: int = ...) -> None:
         """Close the user's WebSockets on every node (account deleted, password changed);
         raises `realtime.broker.BrokerUnavailable` when other nodes could not be told."""

@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any, assert_never
 
 from api.deps import ApiContext, token_holder
+from api.routes.items import ITEMS_FEED
 from api.schemas import ItemOut
 from api.security import InvalidToken, decode_access_token
 from collab.settings import Settings
@@ -143,7 +144,7 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
             ),
             max_backlog_bytes=settings.recovery_backlog_bytes,
         ),
-        snapshots={"items": items_snapshot},
+        snapshots={ITEMS_FEED: items_snapshot},
         reconciler=Reconciler(
             broker,
             DatabaseLedger(sessions),

@@ -51,7 +51,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from workers.isolated import IsolatedBroker, WorkerProcess
+from loadtests.isolated import IsolatedBroker, WorkerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(

@@ -28,8 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from realtime.stats import Stat
 from realtime.storage import MessageSink, SinkUnavailable, StoredMessage
-from realtime.types import UserInfo
 
 log = logging.getLogger("collab.persistence")
 
@@ -40,37 +40,17 @@ STORE_BATCH_TASK = "collab.store_messages"
 
 def encode_message(message: StoredMessage) -> dict[str, Any]:
     """A message as a JSON object: the fields of the `message` event, without its type."""
-    return {
-        "msg_id": message.msg_id,
-        "room": message.room,
-        "epoch": message.epoch,
-        "offset": message.offset,
-        "user": {"id": message.user.id, "name": message.user.name},
-        "body": message.body,
-        "client_msg_id": message.client_msg_id,
-        "ts": message.ts,
-    }
+    event = message.event()
+    del event["type"]
+    return event
 
 
 def decode_message(data: Mapping[str, Any]) -> StoredMessage:
     """The inverse of `encode_message`; raises KeyError, TypeError or ValueError on bad data."""
-    user = data["user"]
-    body = data["body"]
     client_msg_id = data.get("client_msg_id")
-    if not isinstance(body, dict) or not isinstance(user, Mapping):
-        raise TypeError("message body and user must be JSON objects")
     if client_msg_id is not None and not isinstance(client_msg_id, str):
         raise TypeError("client_msg_id must be a string or null")
-    return StoredMessage(
-        msg_id=str(data["msg_id"]),
-        room=str(data["room"]),
-        epoch=str(data["epoch"]),
-        offset=int(data["offset"]),
-        user=UserInfo(id=str(user["id"]), name=str(user["name"])),
-        body=body,
-        client_msg_id=client_msg_id,
-        ts=str(data["ts"]),
-    )
+    return StoredMessage.from_event(dict(data))
 
 
 @dataclass(eq=False)
@@ -123,6 +103,18 @@ class CeleryMessageSink(MessageSink):
         self.messages_sent = 0
         self.send_failures = 0
         self.healthy = True
+
+    def stats(self) -> list[Stat]:
+        return [
+            Stat(
+                "sink_messages_sent",
+                "Messages handed to the Celery broker by this node",
+                self.messages_sent,
+            ),
+            Stat(
+                "sink_send_failures", "Batches the Celery broker did not take", self.send_failures
+            ),
+        ]
 
     # -- the event loop's side -----------------------------------------------------------------
 

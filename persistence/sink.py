@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from persistence.database import SessionFactory
 from persistence.history import to_row
 from persistence.writer import reason_of, write_messages
+from realtime.stats import Stat, gauge
 from realtime.storage import MessageRefused, MessageSink, SinkUnavailable, StoredMessage
 from realtime.types import UserInfo
 
@@ -50,6 +51,22 @@ class DatabaseSink(MessageSink):
         self.stored = 0
         self.set_aside = 0
         self.refused_busy = 0  # store calls answered at once: `max_pending` already waiting
+
+    def stats(self) -> list[Stat]:
+        return [
+            Stat("sink_stored", "Messages written by this node's in-process sink", self.stored),
+            Stat(
+                "sink_set_aside",
+                "Messages the database refused in this node's in-process sink",
+                self.set_aside,
+            ),
+            Stat(
+                "sink_refused_busy",
+                "Publishes the in-process sink turned away: too many waiting",
+                self.refused_busy,
+            ),
+            gauge("sink_pending", "Messages waiting for the in-process sink's write", self.pending),
+        ]
 
     @property
     def pending(self) -> int:

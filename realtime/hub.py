@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from realtime.broker import Broker, BrokerUnavailable, Publication
 from realtime.connection import Connection
 from realtime.protocol import CloseCode
+from realtime.stats import Stat, gauge
 from realtime.transport import Outgoing
 from realtime.types import Position
 
@@ -187,6 +188,46 @@ class Hub:
         return name in conn.joined
 
     # -- broker handler ------------------------------------------------------------------------
+
+    def stats(self) -> list[Stat]:
+        """This node's connections and fan-out (`realtime.stats`)."""
+        connections = list(self.connections.values())
+        channels = list(self.channels.values())
+        return [
+            gauge("connections", "Open WebSocket connections on this node", len(connections)),
+            gauge("channels", "Rooms and feeds with members on this node", len(channels)),
+            gauge(
+                "backed_up_connections",
+                "Connections whose outgoing queue is not empty",
+                sum(1 for c in connections if c.backed_up),
+            ),
+            gauge(
+                "direct_write_connections",
+                "Connections whose frames are written straight to the transport, not via ASGI send",
+                sum(1 for c in connections if c.writes_directly),
+            ),
+            Stat("deliveries", "Frames handed to local members by the fan-out", self.deliveries),
+            Stat(
+                "join_buffer_overflows",
+                "Joining members closed with 4408: more arrived before their reply than the bound",
+                self.pending_overflows,
+            ),
+            gauge(
+                "join_buffer_bytes",
+                "Bytes held for members whose join or subscribe reply is not out yet",
+                sum(m.pending_bytes for c in channels for m in c.members.values()),
+            ),
+            Stat(
+                "recovery_backlog_overflows",
+                "Channels whose gap-recovery backlog passed its bound (members sent to recover)",
+                self.backlog_overflows,
+            ),
+            gauge(
+                "recovery_backlog_bytes",
+                "Bytes held by channels recovering a gap",
+                sum(c.backlog_bytes for c in channels),
+            ),
+        ]
 
     def on_publication(self, publication: Publication) -> None:
         channel = self.channels.get(publication.channel)

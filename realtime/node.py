@@ -25,6 +25,7 @@ from realtime.connection import Connection
 from realtime.hub import Hub
 from realtime.presence import Member, Presence, PresenceUnavailable
 from realtime.reconciler import Reconciler
+from realtime.stats import Stat, gauge
 from realtime.storage import (
     HistoryReader,
     MessageRefused,
@@ -41,7 +42,6 @@ log = logging.getLogger("collab.realtime")
 
 ROOM = "room:"
 FEED = "feed:"
-ITEMS_FEED = "items"
 # Every node subscribes to this channel at start: node-wide orders (close a user's sockets)
 # reach the whole cluster through the broker. No client can name it (rooms and feeds are
 # prefixed), so no client can join or publish to it.
@@ -215,6 +215,39 @@ class Node:
         await asyncio.gather(*(conn.close(code) for conn in connections), return_exceptions=True)
         for conn in connections:
             await self.disconnect(conn)
+
+    # -- metrics (`realtime.stats`) ---------------------------------------------------------------
+
+    def stats(self) -> list[Stat]:
+        stats = [
+            Stat("messages_published", "Messages published through this node", self.published),
+            Stat(
+                "messages_acknowledged",
+                "Publishes answered with an ack: stored (in-process) or in the Celery broker",
+                self.acknowledged,
+            ),
+            Stat(
+                "messages_unconfirmed_replies",
+                "Publishes delivered whose storage did not confirm: answered outcome unknown",
+                self.unconfirmed_replies,
+            ),
+            Stat(
+                "connections_closed_too_slow",
+                "Connections closed with 4408 because their outgoing queue overflowed",
+                self.closed_too_slow,
+            ),
+            gauge("broker_up", "1 when the broker answers", 1.0 if self.broker.healthy else 0.0),
+            gauge(
+                "persistence_up",
+                "1 when the last batch of messages was handed to storage",
+                1.0 if self.sink.healthy else 0.0,
+            ),
+            *self.hub.stats(),
+            *self.sink.stats(),
+        ]
+        if self.reconciler is not None:
+            stats.extend(self.reconciler.stats())
+        return stats
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -751,6 +784,9 @@ class Node:
 
     async def publish_feed(self, feed: str, data: Any) -> Position:
         """Publish one update to a feed (the REST API and workers call this)."""
+        # A feed's snapshot changes with what is published to it: other nodes see the
+        # position move, this one forgets its cached snapshot at once.
+        self._snapshot_cache.pop(feed, None)
         result = await self.broker.publish(
             FEED + feed,
             kind="update",
@@ -759,15 +795,6 @@ class Node:
             fields=p.update_fields(data, p.utc_timestamp()),
         )
         return Position(result.epoch, result.offset)
-
-    async def publish_item_change(self, op: str, item: dict[str, Any]) -> None:
-        # Other nodes see the feed's position move; this one also forgets at once.
-        self._snapshot_cache.pop(ITEMS_FEED, None)
-        try:
-            await self.publish_feed(ITEMS_FEED, {"op": op, "item": item})
-        except BrokerUnavailable:
-            # The change is committed; dashboards resynchronise from the snapshot on reconnect.
-            log.warning("items feed: could not announce %s of item %s", op, item.get("id"))
 
     # -- presence ------------------------------------------------------------------------------
 

@@ -519,7 +519,7 @@ def welcome(
         "type": "welcome",
         "session": session,
         "node": node,
-        "user": {"id": user.id, "name": user.name},
+        "user": user.as_dict(),
         "heartbeat": heartbeat,
         "limits": limits,
     }
@@ -594,9 +594,7 @@ def ack(id: CommandId, room: str, offset: int, msg_id: str) -> bytes:
 
 def typing_event(room: str, user: UserInfo) -> bytes:
     """Event to the other members of a room."""
-    return orjson.dumps(
-        {"type": "typing", "room": room, "user": {"id": user.id, "name": user.name}}
-    )
+    return orjson.dumps({"type": "typing", "room": room, "user": user.as_dict()})
 
 
 def presence_reply(
@@ -727,7 +725,7 @@ def message_fields(
         {
             "msg_id": msg_id,
             "client_msg_id": client_msg_id,
-            "user": {"id": user.id, "name": user.name},
+            "user": user.as_dict(),
             "body": orjson.Fragment(body) if isinstance(body, bytes) else body,
             "ts": ts,
         }

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from realtime.broker import Broker, BrokerUnavailable, StorageMark
+from realtime.stats import Stat, gauge
 from realtime.storage import StorageLedger, StoredMessage
 
 log = logging.getLogger("collab.storage")
@@ -125,6 +126,42 @@ class Reconciler:
             if failing:
                 log.info("storage reconciliation resumed")
             failing = False
+
+    def stats(self) -> list[Stat]:
+        """What it verified, restored and lost (`realtime.stats`)."""
+        return [
+            Stat(
+                "storage_verified",
+                "Published offsets the reconciler confirmed stored",
+                self.verified,
+            ),
+            Stat(
+                "storage_restored",
+                "Messages the reconciler stored again from the broker's window",
+                self.restored,
+            ),
+            Stat(
+                "storage_set_aside",
+                "Messages the database refused while the reconciler stored them",
+                self.set_aside,
+            ),
+            Stat(
+                "storage_lost",
+                "Published messages neither stored nor in the window any more",
+                self.lost,
+            ),
+            Stat(
+                "storage_failures",
+                "Reconciler passes that failed (broker or database unavailable)",
+                self.failures,
+            ),
+            gauge(
+                "storage_lag_seconds",
+                "Age of the oldest published message not yet confirmed stored, as this node's "
+                "reconciler saw it (includes the grace period; alert well above it)",
+                self.lag,
+            ),
+        ]
 
     @property
     def lag(self) -> float:

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from realtime.stats import Stat
 from realtime.types import UserInfo
 
 
@@ -87,6 +88,10 @@ class MessageSink(ABC):
 
     @abstractmethod
     async def store(self, message: StoredMessage) -> None: ...
+
+    def stats(self) -> list[Stat]:
+        """What this sink counts (`realtime.stats`); none by default."""
+        return []
 
 
 class HistoryReader(ABC):

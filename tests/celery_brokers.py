@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from loadtests.isolated import IsolatedBroker
 from tests.services import RABBITMQ_URL, REDIS_URL, require
-from workers.isolated import IsolatedBroker
 
 CELERY_REDIS_DB = 13
 VISIBILITY_TIMEOUT = 5  # seconds before Redis hands a dead worker's batches to another

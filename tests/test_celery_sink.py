@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from loadtests.isolated import IsolatedBroker
 from persistence.celery_sink import STORE_BATCH_TASK, CeleryMessageSink, decode_message
 from realtime.protocol import utc_timestamp
 from realtime.storage import SinkUnavailable, StoredMessage
@@ -31,7 +32,6 @@ from tests.conftest import make_settings
 from tests.processes import RedisServer, require_redis_server
 from tests.services import free_port
 from workers.app import create_celery_app
-from workers.isolated import IsolatedBroker
 
 pytestmark = pytest.mark.slow
 

@@ -25,6 +25,7 @@ import orjson
 import pytest
 from sqlalchemy.engine import make_url
 
+from loadtests.isolated import IsolatedBroker, WorkerProcess
 from persistence.database import create_engine, create_session_factory
 from persistence.sink import DatabaseSink
 from realtime.protocol import utc_timestamp
@@ -35,7 +36,6 @@ from tests.helpers import eventually
 from tests.processes import ServerProcess, server_env
 from tests.services import POSTGRES_URL, free_port
 from tests.wsclient import Client, Frame, guest
-from workers.isolated import IsolatedBroker, WorkerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -25,6 +25,7 @@ import httpx
 import orjson
 import pytest
 
+from loadtests.isolated import IsolatedBroker
 from persistence.database import create_engine, create_session_factory
 from persistence.sink import DatabaseSink
 from realtime.protocol import utc_timestamp
@@ -46,7 +47,6 @@ from tests.test_celery_worker import (
     wait_for_rows,
 )
 from tests.wsclient import Client
-from workers.isolated import IsolatedBroker
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 

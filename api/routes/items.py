@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
@@ -8,18 +9,30 @@ from api import schemas, services
 from api.deps import Context, CurrentUser, SessionDep
 from persistence.models import Item
 from persistence.repositories import ItemRepository
+from realtime.broker import BrokerUnavailable
 
+log = logging.getLogger("collab.api")
 router = APIRouter(prefix="/items", tags=["items"])
 ItemId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Limit = Annotated[int, Query(ge=1, le=200)]
 Offset = Annotated[int, Query(ge=0, le=10**9)]
 
 
+# The built-in feed of item changes (PROTOCOL: `{"op", "item"}` updates); its snapshot is the
+# newest items (`collab.realtime_wiring`).
+ITEMS_FEED = "items"
+
+
 async def _announce(context: Context, op: str, item: Item) -> None:
     """Tell `/ws/live` subscribers of feed `items`, when the realtime layer is wired in."""
-    if context.realtime is not None:
-        payload = schemas.ItemOut.model_validate(item).model_dump(mode="json")
-        await context.realtime.publish_item_change(op, payload)
+    if context.realtime is None:
+        return
+    payload = schemas.ItemOut.model_validate(item).model_dump(mode="json")
+    try:
+        await context.realtime.publish_feed(ITEMS_FEED, {"op": op, "item": payload})
+    except BrokerUnavailable:
+        # The change is committed; dashboards resynchronise from the snapshot on reconnect.
+        log.warning("items feed: could not announce %s of item %s", op, item.id)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.ItemOut)

@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtests.isolated import WorkerProcess
 from tests.helpers import eventually
 from tests.processes import RedisServer, require_redis_server, server_env
 from tests.security.common import bearer, running_server, ws_outcome
 from tests.security.proxy import nginx_in_front
 from tests.services import free_port
-from workers.isolated import WorkerProcess
 
 pytestmark = pytest.mark.slow
 

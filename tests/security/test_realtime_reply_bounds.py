@@ -228,7 +228,7 @@ async def test_the_items_snapshot_is_built_once_per_change() -> None:
         reply = await node.subscribe(conns[0], p.Subscribe(2, "items", None))
         assert orjson.loads(reply)["snapshot"] == [{"id": 1}]
         assert builds == 1
-        await node.publish_item_change("created", {"id": 2})
+        await node.publish_feed("items", {"op": "created", "item": {"id": 2}})
         reply = await node.subscribe(conns[0], p.Subscribe(3, "items", None))
         assert orjson.loads(reply)["snapshot"] == [{"id": 2}] and builds == 2
     finally:

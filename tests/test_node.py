@@ -1,4 +1,8 @@
-"""The publish path's promises about storage, in-process: a Node over the memory backends.
+"""`Node`, in-process over the memory backends with a recording send, as centrifuge's
+`node_test.go` drives its node: every command's logic without a server process (the end-to-end
+suites keep what needs one: sockets, several nodes, real services).
+
+The publish path's promises about storage come first.
 
 What a publisher is told must be the truth (issue 9): an ack only once storage has the
 message; a message delivered but not confirmed answers `outcome: "unknown"` with its position;
@@ -107,7 +111,10 @@ class Member:
 
     async def command(self, frame: dict[str, Any]) -> None:
         command = p.parse_command(orjson.dumps(frame), "chat", max_body_bytes=16384)
-        reply = await self.node.handle(self.conn, command)
+        try:
+            reply = await self.node.handle(self.conn, command)
+        except p.ProtocolError as exc:  # as the endpoint answers it
+            reply = exc.frame()
         if reply:
             self.conn.reply(reply)
 
@@ -245,3 +252,44 @@ async def test_past_the_window_cap_a_loss_is_counted_never_skipped(
     assert report.lost == [("r", epoch, 1, 4)]
     assert node.reconciler.lost == 4 and report.restored == 10
     assert sorted(o for (_, _, o) in store.rows) == list(range(5, 15))
+
+
+# --- the other commands -----------------------------------------------------------------------
+
+
+async def test_commands_are_carried_out_and_answered(
+    setup: tuple[Node, Store, MemoryBroker],
+) -> None:
+    node, _, _ = setup
+    ann, bob = await joined(node, "ann"), await joined(node, "bob")
+    await ann.command({"type": "ping", "id": 2})
+    assert (await ann.reply_to(2))["type"] == "pong"
+    await ann.command({"type": "presence", "id": 3, "room": "r"})
+    members = (await ann.reply_to(3))["members"]
+    assert sorted(m["user"]["id"] for m in members) == ["ann", "bob"]
+    await ann.command({"type": "typing", "room": "r"})
+    for _ in range(100):
+        if any(f.get("type") == "typing" for f in bob.frames):
+            break
+        await asyncio.sleep(0.005)
+    assert [f["user"]["id"] for f in bob.frames if f.get("type") == "typing"] == ["ann"]
+    assert not [f for f in ann.frames if f.get("type") == "typing"]  # not to the typist
+    await ann.command({"type": "history", "id": 4, "room": "r"})
+    history = await ann.reply_to(4)
+    assert history["type"] == "history" and history["messages"] == []
+    await ann.command({"type": "leave", "id": 5, "room": "r"})
+    assert (await ann.reply_to(5))["type"] == "left"
+    await ann.command({"type": "publish", "id": 6, "room": "r", "body": {}})
+    refused = await ann.reply_to(6)
+    assert (refused["type"], refused["code"]) == ("error", "not_joined")
+
+
+async def test_every_command_type_has_a_handler() -> None:
+    """`Node.handle` matches every member of `protocol.Command` (mypy checks the match is
+    exhaustive; this checks each command class is named in it)."""
+    import inspect
+    import typing
+
+    source = inspect.getsource(Node.handle)
+    for command in typing.get_args(p.Command):
+        assert f"case p.{command.__name__}()" in source, command

@@ -101,7 +101,7 @@ class WorkerProcess:
     def start(self, timeout: float = 60.0) -> WorkerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - a fixed command: collab's own CLI
+            self.process = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
