@@ -40,6 +40,10 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     import uvicorn
 
     settings = _settings()  # fail fast, before uvicorn forks workers
+    refusal = settings.refuse_processes(workers)
+    if refusal is not None:
+        sys.stderr.write(f"collab serve: {refusal}\n")
+        raise SystemExit(2)
     os.environ["COLLAB_PORT"] = str(port)
     if settings.env == "development" and not os.environ.get("COLLAB_SECRET_KEY"):
         # One random key for every worker of this run, so their tokens agree.

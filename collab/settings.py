@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from realtime.backends import backend_kind
+from realtime.backends import backend_kind, is_shared
 from realtime.protocol import NAME_PATTERN
 
 # Values that appear in docs and examples; a production server must never run on one.
@@ -236,6 +236,23 @@ class Settings(BaseSettings):
                 "when COLLAB_ENV=production (a comma-separated list), not '*'"
             )
         return self
+
+    def refuse_processes(self, processes: int) -> str | None:
+        """Why `processes` server processes may not run on these settings, or None.
+
+        Each process is a node. On the memory broker nodes share nothing: every room would
+        exist once per process, with its own offsets and members, and nothing would say so.
+        Several processes need a broker they share (DESIGN: "scale-up is scale-out").
+        """
+        if processes <= 1 or is_shared(self.broker_url):
+            return None
+        return (
+            f"{processes} server processes need a shared broker: with COLLAB_BROKER_URL="
+            f"{self.broker_url} each process would hold its own copy of every room (split "
+            "rooms, repeated offsets). Run one process, or share rooms through Redis:\n"
+            "  COLLAB_BROKER_URL=redis://127.0.0.1:6379/0 collab serve --workers "
+            f"{processes}"
+        )
 
     @property
     def secret(self) -> str:

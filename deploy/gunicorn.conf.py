@@ -7,10 +7,16 @@ Redis join them. Workers are Uvicorn workers with Collab's WebSocket settings.
 import multiprocessing
 import os
 
+from collab.settings import Settings
+
 wsgi_app = "collab.app:create_app_from_env()"
 worker_class = "collab.gunicorn_worker.CollabWorker"
 bind = os.environ.get("COLLAB_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("COLLAB_WORKERS", multiprocessing.cpu_count()))
+# Several workers on the memory broker would split every room: refuse, and say what to set.
+_refusal = Settings().refuse_processes(workers)
+if _refusal is not None:
+    raise SystemExit(_refusal)
 # WebSockets live long: no request timeout kills a busy worker mid-connection, and a
 # restart gives clients time to be told 1001 and to reconnect elsewhere.
 timeout = 60

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,10 @@ pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py"
 
 
-async def test_gunicorn_serves_rest_and_websockets_and_stops_with_1001(tmp_path: Path) -> None:
+@pytest.mark.redis
+async def test_gunicorn_serves_rest_and_websockets_and_stops_with_1001(
+    tmp_path: Path, redis_url: str
+) -> None:
     gunicorn = shutil.which("gunicorn")
     assert gunicorn, "gunicorn is part of the production extra"
     port = free_port()
@@ -31,7 +35,8 @@ async def test_gunicorn_serves_rest_and_websockets_and_stops_with_1001(tmp_path:
             "COLLAB_SECRET_KEY": "production-test-secret-" + "q" * 30,
             "COLLAB_ALLOWED_ORIGINS": "https://chat.example.com",
             "COLLAB_BIND": f"127.0.0.1:{port}",
-            "COLLAB_WORKERS": "2",
+            "COLLAB_WORKERS": "2",  # two nodes: they share rooms through Redis
+            "COLLAB_BROKER_URL": redis_url,
             "COLLAB_AUTO_MIGRATE": "true",
         },
     )
@@ -67,3 +72,22 @@ async def test_gunicorn_serves_rest_and_websockets_and_stops_with_1001(tmp_path:
             process.kill()
             process.wait(5)
         log.close()
+
+
+@pytest.mark.parametrize("server", ["collab", "gunicorn"])
+def test_several_processes_on_the_memory_broker_are_refused(tmp_path: Path, server: str) -> None:
+    """Two processes on the embedded broker would be two servers under one address: each
+    room twice, with repeated offsets. They refuse to start, and say what to set."""
+    port = free_port()
+    env = server_env(tmp_path, {"COLLAB_BIND": f"127.0.0.1:{port}", "COLLAB_WORKERS": "2"})
+    command = (
+        [sys.executable, "-m", "collab", "serve", "--workers", "2", "--port", str(port)]
+        if server == "collab"
+        else [shutil.which("gunicorn") or "gunicorn", "-c", str(CONFIG)]
+    )
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "COLLAB_BROKER_URL=redis://" in output and "2 server processes" in output
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
