@@ -45,11 +45,12 @@ from typing import Protocol
 
 import orjson
 
+from realtime.protocol import NAME_PATTERN
 from realtime.types import Position
 
 # The frame every backend builds, and every node delivers as is ------------------------------
 
-_EPOCH = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # as room names: plain tokens in frames
+_EPOCH = re.compile(NAME_PATTERN)  # as room names: plain tokens, safe unescaped in frames
 
 
 def channel_name(channel: str) -> str:
