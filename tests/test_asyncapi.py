@@ -21,7 +21,7 @@ from tests.protocol_schema import FrameNotInSchema, check_frame
 def test_the_official_parser_accepts_the_document() -> None:
     node = require_js_tools()
     done = subprocess.run(
-        [node, "test/asyncapi.check.mjs", str(ASYNCAPI)],
+        [node, "tools/asyncapi-check.mjs", str(ASYNCAPI)],
         cwd=JS,
         capture_output=True,
         text=True,

@@ -1,4 +1,5 @@
-// Validates an AsyncAPI document with the official parser; run by tests/test_asyncapi.py.
+// Validates an AsyncAPI document with the official parser; run by tests/test_asyncapi.py:
+//   node tools/asyncapi-check.mjs ../../collab/asyncapi.json
 // Prints every diagnostic; exits 1 when the parser finds an error or a warning.
 import { readFileSync } from "node:fs";
 import { Parser } from "@asyncapi/parser";
