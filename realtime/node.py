@@ -1,4 +1,4 @@
-"""The node: every command of PROTOCOL.md carried out over the hub and the backends.
+"""The node: every command of docs/PROTOCOL.md carried out over the hub and the backends.
 
 `Node` is the centre of the realtime core. It starts with whatever backends it is given
 (memory ones for one process, Redis ones for many) and the storage interfaces that
@@ -157,12 +157,13 @@ class Node:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def admit(self, user: UserInfo) -> p.CloseCode | int | None:
+    def admit(self, user: UserInfo) -> p.CloseCode | None:
         """Why a new connection of `user` may not open now, or None."""
         if self.closing:
             return p.CloseCode.GOING_AWAY
         if len(self.hub.connections) >= self.limits.max_connections:
-            return 1013  # RFC 6455 "try again later": this node is full, another may not be
+            # RFC 6455 "try again later": this node is full, another may not be.
+            return p.CloseCode.TRY_AGAIN_LATER
         if self.hub.user_connections.get(user.id, 0) >= self.limits.max_connections_per_user:
             return p.CloseCode.TOO_MANY_CONNECTIONS
         return None

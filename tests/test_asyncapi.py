@@ -14,6 +14,7 @@ import pytest
 
 from collab.app import ASYNCAPI, create_app
 from collab.settings import Settings
+from realtime.protocol import CloseCode, ErrorCode
 from tests.jstools import JS, require_js_tools
 from tests.protocol_schema import FrameNotInSchema, check_frame
 
@@ -76,3 +77,11 @@ def test_the_check_refuses_what_the_document_does_not_say() -> None:
             "msg_id": "01JABCDEFGHJKMNPQRSTVWXYZ0",
         },
     )
+
+
+def test_the_document_names_every_close_and_error_code_of_the_server() -> None:
+    document = orjson.loads(ASYNCAPI.read_bytes())
+    for channel in document["channels"].values():
+        assert {c["code"] for c in channel["x-close-codes"]} == {int(c) for c in CloseCode}
+    codes = document["components"]["schemas"]["ErrorCode"]["enum"]
+    assert set(codes) == {c.value for c in ErrorCode}

@@ -388,6 +388,27 @@ async def test_limits_rate_user_connections(tmp_path: Path) -> None:
         node.stop()
 
 
+async def test_a_full_node_closes_1013(tmp_path: Path) -> None:
+    """Over COLLAB_MAX_CONNECTIONS the node refuses with 1013 (try again later: another node
+    may have room), whoever the user is; a place freed is taken again."""
+    node = start(tmp_path, max_connections="1")
+    try:
+        first = await Client.connect(node.ws_url, guest_token(node.url, "ann"))
+        from websockets.asyncio.client import connect
+
+        async with connect(f"{node.ws_url}/ws/chat?token={guest_token(node.url, 'bob')}") as ws:
+            refused = Client(ws)
+            assert await refused.closed_with() == 1013
+            assert ws.close_reason == "this node is full; try again later"
+        await first.close()
+        await asyncio.sleep(0.2)
+        again = await Client.connect(node.ws_url, guest_token(node.url, "bob"))
+        assert again.welcome["type"] == "welcome"
+        await again.close()
+    finally:
+        node.stop()
+
+
 @pytest.mark.parametrize("command", [None, UVICORN_WSPROTO], ids=["serve", "asgi-send"])
 async def test_slow_consumer_is_closed_4408_and_others_keep_up(
     tmp_path: Path, command: list[str] | None

@@ -752,6 +752,7 @@ def test_close_codes_and_reasons() -> None:
         "POLICY_VIOLATION": 1008,
         "MESSAGE_TOO_BIG": 1009,
         "INTERNAL_ERROR": 1011,
+        "TRY_AGAIN_LATER": 1013,
         "UNAUTHORIZED": 4401,
         "FORBIDDEN_ORIGIN": 4403,
         "TOO_SLOW": 4408,
