@@ -251,7 +251,9 @@ class CollabClient:
     async def events(self) -> AsyncIterator[Frame]:
         """Events in arrival order: `message`, `update`, `typing`, `presence_diff`, and after
         a reconnect the `joined`/`subscribed` reply of each rejoin (its `recovered` false
-        means a gap: reload history). Duplicates (by offset) are dropped."""
+        means a gap: reload history), and `error` replies with a null id. Duplicates (by
+        offset) are dropped. Events are kept until read: a client that never reads them
+        should join with `presence_events=False` and expect its memory to grow with traffic."""
         while True:
             yield await self._events.get()
 
@@ -413,6 +415,10 @@ class CollabClient:
             future = self._pending.get(frame["id"])
             if future is not None and not future.done():
                 future.set_result(frame)
+            elif frame["id"] is None:
+                # An error for a frame the server could not tie to a command (rate limited
+                # without an id, say): nobody waits for it, so it goes with the events.
+                self._events.put_nowait(frame)
             return
         kind = frame.get("type")
         if kind in ("message", "update"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from collab.client import CollabClient, ConnectionLost, RequestTimeout
+from tests.helpers import eventually
 from tests.processes import ServerProcess, server_env
 from tests.protocol_schema import check_frame
 from tests.wsclient import guest_token
@@ -181,3 +183,54 @@ async def test_a_request_without_reply_times_out(tmp_path: Path) -> None:
     finally:
         await client.close()
         node.stop()
+
+
+async def test_a_publish_whose_storage_did_not_confirm_is_sent_again_once(tmp_path: Path) -> None:
+    """Storage stalls (the SQLite file locked by another process) past the persist timeout:
+    the server answers `outcome: "unknown"`, the client sends the publish again with the same
+    client_msg_id, and once storage is back the retry is acknowledged with the first
+    message's place. Members got it once; it is stored once."""
+    env = server_env(tmp_path, {"COLLAB_PERSIST_TIMEOUT": "0.3"})
+    node = ServerProcess(env, tmp_path / "server.log").start()
+    room = room_name()
+    try:
+        async with (
+            CollabClient(node.ws_url, token=guest_token(node.url, "ann")) as ann,
+            CollabClient(node.ws_url, token=guest_token(node.url, "bob")) as bob,
+        ):
+            await ann.join(room, presence_events=False)
+            await bob.join(room, presence_events=False)
+            locker = sqlite3.connect(tmp_path / "collab.db", isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")  # every write of the server now waits
+            try:
+                publishing = asyncio.ensure_future(ann.publish(room, {"n": 1}))
+                await eventually(
+                    lambda: unconfirmed_at_least(node, 1), 10, "an outcome-unknown reply", 0.1
+                )
+                assert not publishing.done()
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            ack = await asyncio.wait_for(publishing, 20)
+            assert ack["offset"] == 1
+            got = await messages(bob, 1)
+            assert got[0]["msg_id"] == ack["msg_id"]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(messages(bob, 1), 0.5)
+        stored = httpx.get(
+            f"{node.url}/rooms/{room}/messages",
+            headers={"Authorization": f"Bearer {guest_token(node.url)}"},
+        ).json()["messages"]
+        assert [m["msg_id"] for m in stored] == [ack["msg_id"]]
+    finally:
+        node.stop()
+
+
+async def unconfirmed_at_least(node: ServerProcess, count: int) -> bool:
+    """Whether the server has answered `count` publishes with `outcome: "unknown"`."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{node.url}/metrics", timeout=5)).text
+    for line in text.splitlines():
+        if line.startswith("collab_messages_unconfirmed_replies"):
+            return float(line.split()[-1]) >= count
+    return False

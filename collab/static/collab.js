@@ -138,6 +138,8 @@ export class CollabSocket extends EventTarget {
         clearTimeout(waiting.timer);
         if (frame.type === "error") waiting.reject(new CollabError(frame));
         else waiting.resolve(frame);
+      } else if (frame.id === null && frame.type === "error") {
+        this.emit("error", new CollabError(frame)); // tied to no command (rate limited without an id)
       }
       return;
     }

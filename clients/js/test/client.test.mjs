@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { after, before, test } from "node:test";
-import { Server, client, guest, sleep, storedMessages, until } from "../testlib/server.mjs";
+import { Server, client, guest, lockDatabase, metric, sleep, storedMessages, until } from "../testlib/server.mjs";
 
 const room = () => `js-${randomUUID().slice(0, 8)}`;
 let server;
@@ -142,4 +142,33 @@ test("feeds: subscribe, updates, resubscribe from the last offset", async () => 
   await until(() => dash.events.filter((e) => e.kind === "joined").length === 2, "resubscribed");
   assert.equal(dash.events.filter((e) => e.kind === "joined")[1].recovered, true);
   await sleep(0);
+});
+
+test("a publish whose storage did not confirm is sent again with the same id, once", async () => {
+  const stalling = await new Server({ settings: { COLLAB_PERSIST_TIMEOUT: "0.3" } }).start();
+  try {
+    const ann = open({ token: await guest(stalling, "ann") }, stalling);
+    const name = room();
+    await ann.join(name, { presence_events: false });
+    const lock = await lockDatabase(stalling); // storage stalls past the persist timeout
+    let ack;
+    const publishing = ann.publish(name, { n: 1 }).then((reply) => { ack = reply; });
+    try {
+      await until(async () => (await metric(stalling, "collab_messages_unconfirmed_replies")) >= 1, "outcome unknown");
+      assert.equal(ack, undefined); // not acknowledged: it is being retried
+      assert.equal(ann.unacked.size, 1);
+    } finally {
+      await lock.release();
+    }
+    await publishing;
+    assert.equal(ack.offset, 1);
+    assert.equal(ann.unacked.size, 0);
+    await sleep(300);
+    const messages = ann.events.filter((e) => e.kind === "message");
+    assert.deepEqual(messages.map((m) => m.msg_id), [ack.msg_id]); // delivered once
+    const stored = await storedMessages(stalling, name);
+    assert.deepEqual(stored.map((m) => m.msg_id), [ack.msg_id]); // stored once
+  } finally {
+    await stalling.stop();
+  }
 });

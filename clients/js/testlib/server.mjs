@@ -22,9 +22,14 @@ export async function freePort() {
 }
 
 export class Server {
-  constructor({ folder = mkdtempSync(join(tmpdir(), "collab-js-")), port } = {}) {
+  constructor({ folder = mkdtempSync(join(tmpdir(), "collab-js-")), port, settings = {} } = {}) {
     this.folder = folder;
     this.port = port;
+    this.settings = settings; // extra COLLAB_* variables
+  }
+
+  get database() {
+    return join(this.folder, "collab.db");
   }
 
   get url() {
@@ -36,12 +41,13 @@ export class Server {
     const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("COLLAB_")));
     Object.assign(env, {
       COLLAB_ENV: "test",
-      COLLAB_DATABASE_URL: `sqlite+aiosqlite:///${join(this.folder, "collab.db")}`,
+      COLLAB_DATABASE_URL: `sqlite+aiosqlite:///${this.database}`,
       COLLAB_SECRET_KEY: "js-client-tests-" + "s".repeat(40),
       COLLAB_AUTH_RATE_LIMIT: "10000",
       COLLAB_AUTH_RATE_BURST: "10000",
       COLLAB_SHUTDOWN_TIMEOUT: "3",
       PYTHONUNBUFFERED: "1",
+      ...this.settings,
     });
     this.output = "";
     this.process = spawn(PYTHON, ["-m", "collab", "serve", "--port", String(this.port)], {
@@ -118,4 +124,34 @@ export async function storedMessages(server, room) {
     headers: { authorization: `Bearer ${token}` },
   });
   return (await response.json()).messages;
+}
+
+/** Hold an exclusive lock on the server's SQLite file (its writes wait) until `release()`. */
+export async function lockDatabase(server) {
+  const code = [
+    "import sqlite3, sys",
+    "db = sqlite3.connect(sys.argv[1], isolation_level=None)",
+    "db.execute('BEGIN EXCLUSIVE')",
+    "print('locked', flush=True)",
+    "sys.stdin.read()",
+    "db.execute('ROLLBACK')",
+  ].join("\n");
+  const child = spawn(PYTHON, ["-c", code, server.database], { stdio: ["pipe", "pipe", "inherit"] });
+  await new Promise((resolve, reject) => {
+    child.stdout.once("data", resolve);
+    child.once("exit", (status) => reject(new Error(`lock helper exited with ${status}`)));
+  });
+  return {
+    release: () => new Promise((resolve) => {
+      child.once("exit", resolve);
+      child.stdin.end();
+    }),
+  };
+}
+
+/** A counter from the server's /metrics (0 when absent). */
+export async function metric(server, name) {
+  const text = await (await fetch(`${server.url}/metrics`)).text();
+  const line = text.split("\n").find((l) => l.startsWith(name + " ") || l.startsWith(name + "_total "));
+  return line ? Number(line.split(" ").at(-1)) : 0;
 }
