@@ -224,6 +224,55 @@ async def test_a_script_publishes_through_the_broker_without_a_server(
         await dashboard.close()
 
 
+async def test_a_celery_task_reaches_a_browserless_client(
+    server: ServerProcess, tmp_path: Path, member: CollabClient
+) -> None:
+    """A real Celery worker runs a task that publishes with `collab.publisher`; a
+    `collab.client` member gets the message. The task run twice (a retried task) publishes
+    once."""
+    room = room_name()
+    await member.join(room, presence_events=False)
+    redis_url = server.env["COLLAB_BROKER_URL"]
+    celery_url = redis_url.rsplit("/", 1)[0] + "/1"
+    env = {**server.env, "TEST_CELERY_BROKER_URL": celery_url}
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.celery_publish_app", "worker",
+         "--pool", "solo", "--without-heartbeat", "--without-gossip", "--without-mingle",
+         "--loglevel", "warning"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    log.close()
+    try:
+        from celery import Celery
+
+        sender = Celery("sender", broker=celery_url)
+        # The task twice (a retry), then another: the solo pool runs them in order, so the
+        # third one's message right after the first proves the retry published nothing.
+        for text, key in (("sent by a task", "a"), ("sent by a task", "a"), ("next", "b")):
+            sender.send_task(
+                "tests.announce", args=[room, text, f"{key}-{room}"], queue="collab.test.publish"
+            )
+        first, second = await member.next_event(30), await member.next_event(30)
+        for message in (first, second):
+            check_frame("/ws/chat", message)
+        assert first["type"] == "message" and first["offset"] == 1
+        assert first["user"] == {"id": "service:celery", "name": "celery"}
+        assert first["body"] == {"text": "sent by a task"}
+        assert (second["offset"], second["body"]) == (2, {"text": "next"})
+        sender.close()
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(5)
+
+
 def test_memory_broker_is_refused_outside_the_server(tmp_path: Path) -> None:
     from collab.publisher import Publisher
     from collab.settings import Settings
