@@ -14,7 +14,8 @@ JS = Path(__file__).resolve().parent.parent / "clients" / "js"
 
 
 def require_js_tools() -> str:
-    """node's path, with `clients/js/node_modules` installed from the lockfile (`npm ci`, once).
+    """node's path, with `clients/js/node_modules` installed from the lockfile (`npm ci`, once,
+    and again whenever the lockfile is newer than the installation).
 
     Skips on a laptop without node or npm; fails in CI, which must have them.
     """
@@ -23,7 +24,10 @@ def require_js_tools() -> str:
         if IN_CI:
             pytest.fail("node and npm are needed for the JavaScript client's tests")
         pytest.skip("node or npm is not installed")
-    if not (JS / "node_modules" / ".package-lock.json").exists():
+    installed = JS / "node_modules" / ".package-lock.json"  # npm writes it on install
+    lockfile = JS / "package-lock.json"
+    # Missing, or older than the lockfile (a dependency changed since): install afresh.
+    if not installed.exists() or installed.stat().st_mtime < lockfile.stat().st_mtime:
         done = subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund"],
             cwd=JS,
