@@ -16,9 +16,12 @@ from api.tickets import TicketStore
 from persistence.database import SessionFactory
 from persistence.models import Role, User
 from persistence.repositories import UserRepository
+from realtime.broker import PublishResult
+from realtime.node import NodeLimits
 from realtime.presence import Member
+from realtime.protocol import Publish
 from realtime.storage import HistoryReader
-from realtime.types import Position
+from realtime.types import Position, UserInfo
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 
@@ -28,7 +31,13 @@ class Realtime(Protocol):
 
     async def presence_members(self, room: str) -> Sequence[Member]: ...
 
+    @property
+    def limits(self) -> NodeLimits: ...
+
     async def publish_feed(self, feed: str, data: Any) -> Position: ...
+
+    async def publish_as(self, user: UserInfo, command: Publish) -> PublishResult:
+        """A service's publish to a room, as a member's (see `Node.publish_as`)."""
 
     async def disconnect_user(self, user_id: str, code: int = ...) -> None:
         """Close the user's WebSockets on every node (account deleted, password changed);

@@ -166,6 +166,27 @@ class MessageOut(BaseModel):
     ts: str
 
 
+class MessagePublish(Strict):
+    """A service's publish: the `publish` command's fields, checked by the same rules."""
+
+    body: dict[str, Any] = Field(description="Any JSON object, up to the server's body limit.")
+    client_msg_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Makes the publish idempotent: a retry with the same id gets the first "
+        "message's answer and publishes nothing twice.",
+    )
+
+
+class MessagePublished(BaseModel):
+    """The ack's content: where the message is in the room."""
+
+    room: str
+    epoch: str
+    offset: int
+    msg_id: str
+
+
 class MessageList(BaseModel):
     messages: list[MessageOut]
     has_more: bool

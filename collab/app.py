@@ -36,6 +36,8 @@ from realtime.protocol import Endpoint
 
 log = logging.getLogger("collab")
 STATIC = Path(__file__).parent / "static"
+# The wire protocol's AsyncAPI document (docs/PROTOCOL.md in prose), shipped in the package.
+ASYNCAPI = Path(__file__).parent / "asyncapi.json"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -133,6 +135,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def metrics(_request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/asyncapi.json", include_in_schema=False)
+    async def asyncapi() -> FileResponse:
+        # Always served, unlike /openapi.json: it describes the public wire protocol that
+        # every client already speaks, and says nothing about this deployment.
+        return FileResponse(ASYNCAPI, media_type="application/json")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     for path, page in (("/", "index.html"), ("/chat", "chat.html"), ("/live", "live.html")):

@@ -1,4 +1,4 @@
-"""The node: every command of PROTOCOL.md carried out over the hub and the backends.
+"""The node: every command of docs/PROTOCOL.md carried out over the hub and the backends.
 
 `Node` is the centre of the realtime core. It starts with whatever backends it is given
 (memory ones for one process, Redis ones for many) and the storage interfaces that
@@ -126,6 +126,29 @@ def newest_within(frames: Sequence[bytes], budget: int) -> int:
         if size > budget and index < len(frames) - 1:
             return index + 1
     return 0
+
+
+class PublishUnconfirmed(Exception):
+    """A publish that was delivered to every member but whose storage did not confirm.
+
+    Not "not carried out": the message has its offset and members have it. The caller is
+    told the outcome is unknown, with the message's place; a retry with the same
+    `client_msg_id` is safe, and the reconciler stores the message without one.
+    """
+
+    def __init__(self, code: p.ErrorCode, message: str, room: str, result: PublishResult) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.room = room
+        self.offset = result.offset
+        self.msg_id = result.msg_id
+
+    def frame(self, command_id: p.CommandId) -> bytes:
+        """The `error` reply with `outcome: "unknown"`."""
+        return p.unconfirmed_publish(
+            command_id, self.code, self.message, self.room, self.offset, self.msg_id
+        )
 
 
 class Node:
@@ -529,17 +552,43 @@ class Node:
         return p.left(command.id, command.room)
 
     async def publish(self, conn: Connection, command: p.Publish) -> bytes | None:
-        room, channel = command.room, ROOM + command.room
-        if not self.hub.is_member(channel, conn):
+        if not self.hub.is_member(ROOM + command.room, conn):
             raise p.ProtocolError(
-                p.ErrorCode.NOT_JOINED, f"join room '{room}' before publishing", command.id
+                p.ErrorCode.NOT_JOINED, f"join room '{command.room}' before publishing", command.id
             )
+        result, message = await self._accept(conn.user, command)
+        # The ack waits for storage; the next command of this connection does not.
+        self._spawn(self._ack_when_stored(conn, command, message, result))
+        return None
+
+    async def publish_as(self, user: UserInfo, command: p.Publish) -> PublishResult:
+        """A publish without a connection: a service's REST call, a script, a Celery task.
+
+        The same path as a member's publish (offset, delivery to every member, storage,
+        idempotency by `client_msg_id`), except that the caller is not a member: the room's
+        access rule is checked instead. Returns once storage confirmed, as an ack does.
+
+        Raises `ProtocolError` (forbidden), `BrokerUnavailable` (nothing was published) or
+        `PublishUnconfirmed` (delivered, but storage did not confirm).
+        """
+        await self._check_access(command.room, user, command.id)
+        result, message = await self._accept(user, command)
+        await self._store(command.room, message, result)
+        self.acknowledged += 1
+        return result
+
+    async def _accept(
+        self, user: UserInfo, command: p.Publish
+    ) -> tuple[PublishResult, StoredMessage | None]:
+        """Give the message its offset and send it to every member (the broker's script);
+        the message to store, or None for a retry whose first message needs nothing more."""
+        room, channel = command.room, ROOM + command.room
         ts = p.utc_timestamp()
         msg_id = new_msg_id()
         fields = p.message_fields(
-            msg_id, command.client_msg_id, conn.user, command.body_json or command.body, ts
+            msg_id, command.client_msg_id, user, command.body_json or command.body, ts
         )
-        key = f"{conn.user.id}:{command.client_msg_id}" if command.client_msg_id else None
+        key = f"{user.id}:{command.client_msg_id}" if command.client_msg_id else None
         result = await self.broker.publish(
             channel,
             kind="message",
@@ -555,22 +604,18 @@ class Node:
             # frame is in the window unless it was confirmed stored (then nothing is left to
             # do) or its epoch is over. Storing it again is harmless, and it is what makes
             # the retry's ack mean "stored" after the first attempt's storage failed.
-            first = _message_of(result.frame)
-            self._spawn(self._ack_when_stored(conn, command, first, result))
-            return None
+            return result, _message_of(result.frame)
         message = StoredMessage(
             msg_id=result.msg_id,
             room=room,
             epoch=result.epoch,
             offset=result.offset,
-            user=conn.user,
+            user=user,
             body=command.body,
             client_msg_id=command.client_msg_id,
             ts=ts,
         )
-        # The ack waits for storage; the next command of this connection does not.
-        self._spawn(self._ack_when_stored(conn, command, message, result))
-        return None
+        return result, message
 
     async def _ack_when_stored(
         self,
@@ -579,59 +624,51 @@ class Node:
         message: StoredMessage | None,
         result: PublishResult,
     ) -> None:
-        """Ack once storage has the message; otherwise say what is known.
+        """Ack once storage has the message; otherwise say what is known."""
+        try:
+            await self._store(command.room, message, result)
+        except PublishUnconfirmed as exc:
+            conn.reply(exc.frame(command.id))
+            return
+        self.acknowledged += 1
+        conn.reply(p.ack(command.id, command.room, result.offset, result.msg_id))
+
+    async def _store(self, room: str, message: StoredMessage | None, result: PublishResult) -> None:
+        """Return once storage confirmed `message`; else raise `PublishUnconfirmed`.
 
         The message went out to every member before this runs, so a failure here must not
-        read "not carried out": the reply says the outcome is unknown and names the offset.
+        read "not carried out": the error says the outcome is unknown and names the offset.
         The reconciler stores the message from the broker's window either way.
         """
-        room = command.room
         try:
             if message is not None:
                 await self.sink.store(message)
         except SinkUnavailable as exc:
             self.unconfirmed_replies += 1
-            conn.reply(
-                p.unconfirmed_publish(
-                    command.id,
-                    p.ErrorCode.UNAVAILABLE,
-                    f"delivered, but storage did not confirm ({exc}); retry with the same "
-                    "client_msg_id, or leave it to the server to store",
-                    room,
-                    result.offset,
-                    result.msg_id,
-                )
-            )
-            return
+            raise PublishUnconfirmed(
+                p.ErrorCode.UNAVAILABLE,
+                f"delivered, but storage did not confirm ({exc}); retry with the same "
+                "client_msg_id, or leave it to the server to store",
+                room,
+                result,
+            ) from exc
         except MessageRefused as exc:
             self.unconfirmed_replies += 1
-            conn.reply(
-                p.unconfirmed_publish(
-                    command.id,
-                    p.ErrorCode.INTERNAL,
-                    f"delivered, but the database refused to store it (set aside): {exc}",
-                    room,
-                    result.offset,
-                    result.msg_id,
-                )
-            )
-            return
-        except Exception:
+            raise PublishUnconfirmed(
+                p.ErrorCode.INTERNAL,
+                f"delivered, but the database refused to store it (set aside): {exc}",
+                room,
+                result,
+            ) from exc
+        except Exception as exc:
             log.exception("storing message %s failed", result.msg_id)
             self.unconfirmed_replies += 1
-            conn.reply(
-                p.unconfirmed_publish(
-                    command.id,
-                    p.ErrorCode.INTERNAL,
-                    "delivered, but storing it failed; it is retried by the server",
-                    room,
-                    result.offset,
-                    result.msg_id,
-                )
-            )
-            return
-        self.acknowledged += 1
-        conn.reply(p.ack(command.id, room, result.offset, result.msg_id))
+            raise PublishUnconfirmed(
+                p.ErrorCode.INTERNAL,
+                "delivered, but storing it failed; it is retried by the server",
+                room,
+                result,
+            ) from exc
 
     async def typing(self, conn: Connection, command: p.Typing) -> bytes | None:
         channel = ROOM + command.room

@@ -1,4 +1,4 @@
-"""The wire protocol of PROTOCOL.md: commands parsed from frames, server frames encoded.
+"""The wire protocol of docs/PROTOCOL.md: commands parsed from frames, server frames encoded.
 
 No I/O, no WebSocket, no asyncio: text or bytes in, a `Command` (or a `ProtocolError`) out,
 and bytes for every frame the server sends. The endpoints only move frames between the socket
@@ -128,7 +128,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.POLICY_VIOLATION: "kept sending after rate_limited; reconnect later",
     CloseCode.MESSAGE_TOO_BIG: "frame over the frame size limit",
     CloseCode.INTERNAL_ERROR: "internal error; reconnect and recover",
-    CloseCode.TRY_AGAIN_LATER: "this node is full; try again later (another node may not be)",
+    CloseCode.TRY_AGAIN_LATER: "this node is full; try again later",
     CloseCode.UNAUTHORIZED: "missing, invalid or expired token",
     CloseCode.FORBIDDEN_ORIGIN: "origin not allowed",
     CloseCode.TOO_SLOW: "too slow: outgoing queue overflowed; reconnect and recover",

@@ -1,8 +1,8 @@
 """Persistence through Celery, end to end: a real `collab serve`, a real `collab worker`
 process, a real broker (Redis or RabbitMQ) and PostgreSQL.
 
-What these tests hold the system to (DESIGN.md, "Persistence is asynchronous and
-exactly-once"): every acknowledged message ends up as exactly one row, with the room, offset,
+What these tests hold the system to (docs/PERSISTENCE.md, "The guarantee, and how it is
+kept"): every acknowledged message ends up as exactly one row, with the room, offset,
 epoch, sender and body it was acknowledged with, and history reads it back; killing the whole
 worker with SIGKILL mid-burst, or the database refusing connections for a while, loses
 nothing acknowledged and duplicates nothing.

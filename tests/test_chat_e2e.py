@@ -17,6 +17,7 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from collab.client import CollabClient
 from tests.processes import UVICORN_WSPROTO, ServerProcess, server_env
 from tests.wsclient import Client, guest, guest_token
 
@@ -207,13 +208,14 @@ async def test_reconnect_recovers_exactly_what_was_missed(server: ServerProcess)
     token = guest_token(server.url, "ann")
     ann = await Client.connect(server.ws_url, token)
     first = await ann.request({"type": "join", "room": room})
-    bob = await Client.connect(server.ws_url, guest_token(server.url, "bob"))
-    await bob.request({"type": "join", "room": room})
-    await bob.request({"type": "publish", "room": room, "body": {"n": 0}})
+    # Bob only publishes: the project's own client does (ann speaks the raw protocol).
+    bob = await CollabClient(server.ws_url, token=guest_token(server.url, "bob")).connect()
+    await bob.join(room, presence_events=False)
+    await bob.publish(room, {"n": 0})
     seen = (await ann.event("message", room=room))["offset"]
     await ann.close()
     for i in range(1, 6):
-        await bob.request({"type": "publish", "room": room, "body": {"n": i}})
+        await bob.publish(room, {"n": i})
 
     again = await Client.connect(server.ws_url, token)
     since = {"epoch": first["epoch"], "offset": seen}
@@ -222,7 +224,7 @@ async def test_reconnect_recovers_exactly_what_was_missed(server: ServerProcess)
     assert [m["offset"] for m in joined["missed"]] == [2, 3, 4, 5, 6]
     assert [m["body"]["n"] for m in joined["missed"]] == [1, 2, 3, 4, 5]
     assert joined["offset"] == 6
-    await bob.request({"type": "publish", "room": room, "body": {"n": 6}})
+    await bob.publish(room, {"n": 6})
     assert (await again.event("message", room=room))["offset"] == 7
 
     for (since,) in (
@@ -382,6 +384,27 @@ async def test_limits_rate_user_connections(tmp_path: Path) -> None:
         for i in range(100):
             await first.send({"type": "ping", "id": 100 + i})
         assert await first.closed_with() == 1008
+    finally:
+        node.stop()
+
+
+async def test_a_full_node_closes_1013(tmp_path: Path) -> None:
+    """Over COLLAB_MAX_CONNECTIONS the node refuses with 1013 (try again later: another node
+    may have room), whoever the user is; a place freed is taken again."""
+    node = start(tmp_path, max_connections="1")
+    try:
+        first = await Client.connect(node.ws_url, guest_token(node.url, "ann"))
+        from websockets.asyncio.client import connect
+
+        async with connect(f"{node.ws_url}/ws/chat?token={guest_token(node.url, 'bob')}") as ws:
+            refused = Client(ws)
+            assert await refused.closed_with() == 1013
+            assert ws.close_reason == "this node is full; try again later"
+        await first.close()
+        await asyncio.sleep(0.2)
+        again = await Client.connect(node.ws_url, guest_token(node.url, "bob"))
+        assert again.welcome["type"] == "welcome"
+        await again.close()
     finally:
         node.stop()
 

@@ -39,6 +39,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.processes import ServerProcess, server_env
+from tests.protocol_schema import check_frame
 from tests.services import REDIS_URL, require
 from tests.wsclient import guest_token
 
@@ -240,6 +241,7 @@ class Session:
             )
             welcome = orjson.loads(self.ws.recv(timeout=10))
             assert welcome["type"] == "welcome", welcome
+            check_frame(f"/ws/{self.endpoint}", welcome)
             if self.endpoint == "chat":
                 # Members of the pool's rooms from the start, so that publish and typing are
                 # mostly carried out rather than refused (until a generated leave).
@@ -260,6 +262,7 @@ class Session:
             pytest.fail(f"the server closed the connection ({code})")
         frame: dict[str, Any] = orjson.loads(raw)  # every server frame is a JSON object
         assert isinstance(frame, dict), frame
+        check_frame(f"/ws/{self.endpoint}", frame)  # and fits the AsyncAPI document
         return frame
 
     def exchange(self, frame: Frame) -> list[dict[str, Any]]:

@@ -12,6 +12,8 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.protocol_schema import check_frame
+
 Frame = dict[str, Any]
 
 
@@ -20,8 +22,9 @@ class Client:
     # Every client a test opened, so a fixture can close what a failing test left open.
     opened: list[Client] = []
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, path: str = "/ws/chat") -> None:
         self.ws = ws
+        self.path = path
         Client.opened.append(self)
         self.frames: list[Frame] = []  # every frame received, in order
         self._unread: list[Frame] = []
@@ -33,9 +36,16 @@ class Client:
     ) -> Client:
         url = f"{base_ws_url}{path}" + (f"?token={token}" if token else "")
         ws = await connect(url, compression=None, open_timeout=10, **kwargs)
-        client = cls(ws)
+        client = cls(ws, path)
         client.welcome = await client.next_frame()
         return client
+
+    def _received(self, raw: str | bytes) -> Frame:
+        """Every frame from the server passes here: it must fit the AsyncAPI document."""
+        frame: Frame = orjson.loads(raw)
+        self.frames.append(frame)
+        check_frame(self.path, frame)
+        return frame
 
     async def send(self, command: Frame | str | bytes) -> None:
         if isinstance(command, dict):
@@ -46,8 +56,7 @@ class Client:
         if self._unread:
             return self._unread.pop(0)
         raw = await asyncio.wait_for(self.ws.recv(), timeout)
-        frame: Frame = orjson.loads(raw)
-        self.frames.append(frame)
+        frame: Frame = self._received(raw)
         return frame
 
     async def wait_for(self, match: Callable[[Frame], bool], timeout: float = 5.0) -> Frame:
@@ -61,8 +70,7 @@ class Client:
             if remaining <= 0:
                 raise TimeoutError(f"no matching frame; unread: {self._unread[-5:]}")
             raw = await asyncio.wait_for(self.ws.recv(), remaining)
-            frame = orjson.loads(raw)
-            self.frames.append(frame)
+            frame = self._received(raw)
             if match(frame):
                 return frame
             self._unread.append(frame)
@@ -104,7 +112,7 @@ class Client:
             async with asyncio.timeout(timeout):
                 while True:
                     raw = await self.ws.recv()
-                    self._unread.append(orjson.loads(raw))
+                    self._unread.append(self._received(raw))
         except ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd else None
 

@@ -2,13 +2,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from api import schemas, services
-from api.deps import Context, CurrentUser, SessionDep
+from api.deps import Context, CurrentUser, ServiceUser, SessionDep
 from persistence.models import Room
 from persistence.repositories import RoomRepository
+from realtime import protocol as p
+from realtime.broker import BrokerUnavailable
+from realtime.node import PublishUnconfirmed
 from realtime.protocol import NAME_PATTERN
+from realtime.types import UserInfo
 
 router = APIRouter(prefix="/rooms", tags=["rooms"])
 RoomPath = Annotated[str, Path(pattern=f"^{NAME_PATTERN}$")]
@@ -62,6 +67,70 @@ async def room_messages(
     )
     return schemas.MessageList.model_validate(
         {"messages": [m.event() for m in messages], "has_more": has_more}
+    )
+
+
+@router.post(
+    "/{room}/messages",
+    status_code=status.HTTP_201_CREATED,
+    response_model=schemas.MessagePublished,
+    responses={
+        403: {"description": "Not a service account, or a private room it is not a member of"},
+        413: {"description": "The body is over the server's body limit"},
+        500: {"description": "Delivered, but the database refused it (`outcome: unknown`)"},
+        503: {
+            "description": "The broker is down (nothing published), or delivered but storage "
+            "did not confirm (`detail.outcome` is `unknown`: retry with the same client_msg_id)"
+        },
+    },
+)
+async def publish_message(
+    room: RoomPath, body: schemas.MessagePublish, user: ServiceUser, context: Context
+) -> schemas.MessagePublished:
+    """Publish to a room as a service: delivered, stored and numbered like a member's publish.
+
+    Answers once storage confirmed the message, as the `ack` of a WebSocket publish does.
+    """
+    node = context.realtime
+    if node is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Rooms are not available")
+    # The WebSocket command's own parser: one set of rules for body size, nesting and
+    # client_msg_id, whichever way a message arrives.
+    frame: dict[str, object] = {"type": "publish", "room": room, "body": body.body}
+    if body.client_msg_id is not None:
+        frame["client_msg_id"] = body.client_msg_id
+    try:
+        command = p.parse_command(
+            orjson.dumps(frame), "chat", max_body_bytes=node.limits.max_body_bytes
+        )
+        assert isinstance(command, p.Publish)
+        result = await node.publish_as(UserInfo(id=str(user.id), name=user.display_name), command)
+    except p.ProtocolError as exc:
+        code = {
+            p.ErrorCode.TOO_LARGE: status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            p.ErrorCode.FORBIDDEN: status.HTTP_403_FORBIDDEN,
+        }.get(exc.code, status.HTTP_422_UNPROCESSABLE_ENTITY)
+        raise HTTPException(code, exc.message) from None
+    except BrokerUnavailable:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "Broker unavailable; not published"
+        ) from None
+    except PublishUnconfirmed as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE
+            if exc.code == p.ErrorCode.UNAVAILABLE
+            else status.HTTP_500_INTERNAL_SERVER_ERROR,
+            {
+                "message": exc.message,
+                "code": exc.code.value,
+                "outcome": "unknown",
+                "room": exc.room,
+                "offset": exc.offset,
+                "msg_id": exc.msg_id,
+            },
+        ) from None
+    return schemas.MessagePublished(
+        room=room, epoch=result.epoch, offset=result.offset, msg_id=result.msg_id
     )
 
 

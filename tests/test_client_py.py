@@ -1,0 +1,236 @@
+"""`collab.client` against real servers: a restart in the middle of a conversation, publishes
+made while offline sent exactly once, a refused token replaced through `get_token`, timeouts.
+
+The frames the client receives are checked against the AsyncAPI document as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from collab.client import CollabClient, ConnectionLost, RequestTimeout
+from tests.helpers import eventually
+from tests.processes import ServerProcess, server_env
+from tests.protocol_schema import check_frame
+from tests.wsclient import guest_token
+
+pytestmark = pytest.mark.slow
+
+
+def room_name() -> str:
+    return f"py-{uuid.uuid4().hex[:10]}"
+
+
+def start(tmp_path: Path, port: int | None = None) -> ServerProcess:
+    env = server_env(tmp_path, {"COLLAB_SHUTDOWN_TIMEOUT": "3"})
+    node = ServerProcess(env, tmp_path / "server.log")
+    if port is not None:
+        node.port = port
+    return node.start()
+
+
+async def messages(client: CollabClient, count: int) -> list[dict[str, Any]]:
+    """The next `count` message events (other events skipped), each checked against the
+    document."""
+    found: list[dict[str, Any]] = []
+    while len(found) < count:
+        event = await client.next_event(15)
+        if event["type"] in ("message", "typing", "presence_diff"):
+            check_frame("/ws/chat", event)
+        if event["type"] == "message":
+            found.append(event)
+    return found
+
+
+async def test_a_server_restart_mid_conversation(tmp_path: Path) -> None:
+    node = start(tmp_path)
+    room = room_name()
+    states: list[tuple[str, dict[str, Any]]] = []
+    ann = CollabClient(
+        node.ws_url,
+        token=guest_token(node.url, "ann"),
+        on_state=lambda state, info: states.append((state, info)),
+        backoff_min=0.1,
+        backoff_max=0.5,
+    )
+    bob = CollabClient(node.ws_url, token=guest_token(node.url, "bob"), backoff_min=0.1)
+    await ann.connect()
+    await bob.connect()
+    try:
+        await ann.join(room, presence_events=False)
+        await bob.join(room, presence_events=False)
+        for n in range(3):
+            ack = await ann.publish(room, {"n": n})
+            assert ack["offset"] == n + 1
+        assert [m["offset"] for m in await messages(bob, 3)] == [1, 2, 3]
+
+        # The server goes away (1001: reconnect and recover) ...
+        node.stop()
+        while ann.state not in ("reconnecting", "connecting"):
+            await asyncio.sleep(0.05)
+        assert ("disconnected", 1001) in [(s, i.get("code")) for s, i in states]
+        # ... ann publishes while it is down: the publishes wait, then go out once ...
+        offline = [asyncio.ensure_future(ann.publish(room, {"n": n})) for n in (3, 4)]
+        await asyncio.sleep(0.3)
+        assert not any(task.done() for task in offline)
+        # ... and the server comes back on the same address and database.
+        node = start(tmp_path, node.port)
+        acks = await asyncio.wait_for(asyncio.gather(*offline), 20)
+        assert sorted(a["offset"] for a in acks) == [4, 5]
+        # Bob rejoined from offset 3 and gets 4 and 5, once each, in order.
+        assert [m["body"]["n"] for m in await messages(bob, 2)] == [3, 4]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(messages(bob, 1), 0.5)
+        assert ann.state == "connected"
+        assert [s for s, _ in states].count("connected") == 2
+
+        # Stored exactly once each, in the order members saw.
+        stored = httpx.get(
+            f"{node.url}/rooms/{room}/messages",
+            headers={"Authorization": f"Bearer {guest_token(node.url)}"},
+        ).json()["messages"]
+        assert [m["body"]["n"] for m in stored] == [0, 1, 2, 3, 4]
+        assert [m["offset"] for m in stored] == [1, 2, 3, 4, 5]
+    finally:
+        await ann.close()
+        await bob.close()
+        node.stop()
+
+
+async def test_rejoin_recovers_what_was_missed(tmp_path: Path) -> None:
+    """Messages sent while a member was away arrive on rejoin (`missed`), with no gap."""
+    node = start(tmp_path)
+    room = room_name()
+    try:
+        ann = CollabClient(node.ws_url, token=guest_token(node.url, "ann"), backoff_min=0.1)
+        await ann.connect()
+        await ann.join(room, presence_events=False)
+        await ann.publish(room, {"n": 0})
+        assert len(await messages(ann, 1)) == 1
+        # Drop ann's socket under it (a network loss: no close frame from the server).
+        assert ann._ws is not None
+        ann._ws.transport.abort()
+        async with CollabClient(node.ws_url, token=guest_token(node.url, "bob")) as bob:
+            await bob.join(room, presence_events=False)
+            for n in (1, 2):
+                await bob.publish(room, {"n": n})
+        seen = [await ann.next_event(15)]
+        while seen[-1]["type"] != "joined":
+            seen.append(await ann.next_event(15))
+        # The recovered messages came first, once each, then the rejoin's reply.
+        assert [e["body"]["n"] for e in seen if e["type"] == "message"] == [1, 2]
+        assert seen[-1]["recovered"] is True
+        assert ann.positions[room][1] == 3
+        await ann.close()
+    finally:
+        node.stop()
+
+
+async def test_a_refused_token_is_replaced_through_get_token(tmp_path: Path) -> None:
+    node = start(tmp_path)
+    good = guest_token(node.url, "ann")
+    handed: list[str] = []
+
+    async def get_token() -> str:
+        # The first token is refused (4401); the client asks again and gets a good one.
+        token = "not-a-token" if not handed else good
+        handed.append(token)
+        return token
+
+    states: list[tuple[str, dict[str, Any]]] = []
+    client = CollabClient(
+        node.ws_url,
+        get_token=get_token,
+        backoff_min=0.05,
+        on_state=lambda state, info: states.append((state, info)),
+    )
+    try:
+        await asyncio.wait_for(client.connect(), 15)
+        assert handed == ["not-a-token", good]
+        assert ("disconnected", 4401) in [(s, i.get("code")) for s, i in states]
+        assert client.welcome["user"]["name"] == "ann"
+        # Without get_token a refused token ends the client for good.
+        alone = CollabClient(node.ws_url, token="not-a-token")
+        with pytest.raises(ConnectionLost, match="4401"):
+            await asyncio.wait_for(alone.connect(), 15)
+        assert alone.state == "closed"
+        await alone.close()
+    finally:
+        await client.close()
+        node.stop()
+
+
+async def test_a_request_without_reply_times_out(tmp_path: Path) -> None:
+    node = start(tmp_path)
+    client = CollabClient(node.ws_url, token=guest_token(node.url), request_timeout=0.5)
+    await client.connect()
+    try:
+        node.signal(signal.SIGSTOP)  # the server stops answering, without closing anything
+        try:
+            with pytest.raises(RequestTimeout):
+                await client.ping()
+        finally:
+            node.signal(signal.SIGCONT)
+        assert (await client.ping())["type"] == "pong"
+    finally:
+        await client.close()
+        node.stop()
+
+
+async def test_a_publish_whose_storage_did_not_confirm_is_sent_again_once(tmp_path: Path) -> None:
+    """Storage stalls (the SQLite file locked by another process) past the persist timeout:
+    the server answers `outcome: "unknown"`, the client sends the publish again with the same
+    client_msg_id, and once storage is back the retry is acknowledged with the first
+    message's place. Members got it once; it is stored once."""
+    env = server_env(tmp_path, {"COLLAB_PERSIST_TIMEOUT": "0.3"})
+    node = ServerProcess(env, tmp_path / "server.log").start()
+    room = room_name()
+    try:
+        async with (
+            CollabClient(node.ws_url, token=guest_token(node.url, "ann")) as ann,
+            CollabClient(node.ws_url, token=guest_token(node.url, "bob")) as bob,
+        ):
+            await ann.join(room, presence_events=False)
+            await bob.join(room, presence_events=False)
+            locker = sqlite3.connect(tmp_path / "collab.db", isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")  # every write of the server now waits
+            try:
+                publishing = asyncio.ensure_future(ann.publish(room, {"n": 1}))
+                await eventually(
+                    lambda: unconfirmed_at_least(node, 1), 10, "an outcome-unknown reply", 0.1
+                )
+                assert not publishing.done()
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            ack = await asyncio.wait_for(publishing, 20)
+            assert ack["offset"] == 1
+            got = await messages(bob, 1)
+            assert got[0]["msg_id"] == ack["msg_id"]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(messages(bob, 1), 0.5)
+        stored = httpx.get(
+            f"{node.url}/rooms/{room}/messages",
+            headers={"Authorization": f"Bearer {guest_token(node.url)}"},
+        ).json()["messages"]
+        assert [m["msg_id"] for m in stored] == [ack["msg_id"]]
+    finally:
+        node.stop()
+
+
+async def unconfirmed_at_least(node: ServerProcess, count: int) -> bool:
+    """Whether the server has answered `count` publishes with `outcome: "unknown"`."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{node.url}/metrics", timeout=5)).text
+    for line in text.splitlines():
+        if line.startswith("collab_messages_unconfirmed_replies"):
+            return float(line.split()[-1]) >= count
+    return False
