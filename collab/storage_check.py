@@ -31,7 +31,7 @@ from persistence.ledger import DatabaseLedger
 from persistence.models import Message, SetAsideMessage
 from realtime.broker import Broker
 from realtime.broker_memory import MemoryBroker
-from realtime.reconciler import ROOM
+from realtime.reconciler import ROOM, spans
 from realtime.storage import StoredMessage
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -199,7 +199,7 @@ async def _check_room(
             report.repaired += outcome.written + outcome.set_aside
             missing -= set(repairable)
             repairable = []
-        for start, end in _spans(sorted(missing)):
+        for start, end in spans(sorted(missing)):
             gap = Gap(room, epoch, start, end, [o for o in repairable if start <= o <= end])
             report.gaps.append(gap)
 
@@ -209,16 +209,6 @@ def _age(frame: bytes, now: float) -> float:
         return now - parse_ts(str(orjson.loads(frame)["ts"])).timestamp()
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return float("inf")
-
-
-def _spans(offsets: list[int]) -> list[tuple[int, int]]:
-    spans: list[tuple[int, int]] = []
-    for offset in offsets:
-        if spans and spans[-1][1] == offset - 1:
-            spans[-1] = (spans[-1][0], offset)
-        else:
-            spans.append((offset, offset))
-    return spans
 
 
 class _Quiet:

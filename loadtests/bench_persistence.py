@@ -45,6 +45,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,12 +204,26 @@ async def one_run(
 
     before = scrape(metrics_port)
     await sink.start()
+    acked, stored = await timed(mode, run, count, args, publisher)
+    tasks = sink.tasks_sent
+    await sink.close()
+    return await result(mode, run, count, acked, stored, tasks, before, metrics_port)
+
+
+async def timed(
+    mode: str,
+    run: int,
+    count: int,
+    args: argparse.Namespace,
+    publisher: Callable[[int, int], Awaitable[None]],
+) -> tuple[float, float]:
+    """Run the publishers; seconds until the last ack, and until the last row is committed."""
+    import asyncpg
+
     started = time.perf_counter()
     publishers = min(args.in_flight, count)
     await asyncio.gather(*(publisher(i, publishers) for i in range(publishers)))
     acked = time.perf_counter() - started
-    import asyncpg
-
     connection = await asyncpg.connect(_admin_dsn(args.database_url))
     try:
         while await connection.fetchval("SELECT count(*) FROM messages") < count:
@@ -217,9 +232,19 @@ async def one_run(
             await asyncio.sleep(0.05)
     finally:
         await connection.close()
-    stored = time.perf_counter() - started
-    tasks = sink.tasks_sent
-    await sink.close()
+    return acked, time.perf_counter() - started
+
+
+async def result(
+    mode: str,
+    run: int,
+    count: int,
+    acked: float,
+    stored: float,
+    tasks: int,
+    before: dict[str, float],
+    metrics_port: int,
+) -> Result:
     await asyncio.sleep(0.3)  # let the exporter see the last batch
     after = scrape(metrics_port)
     return Result(
@@ -243,8 +268,6 @@ async def path_run(
     metrics_port: int,
 ) -> Result:
     """Publish through the room broker, then store; the reconciler too in `reconciled`."""
-    import asyncpg
-
     from collab.settings import Settings
     from persistence.celery_sink import CeleryMessageSink
     from persistence.database import create_engine, create_session_factory
@@ -313,19 +336,7 @@ async def path_run(
     await sink.start()
     if mode == "reconciled":
         reconciler.start()
-    started = time.perf_counter()
-    publishers = min(args.in_flight, count)
-    await asyncio.gather(*(publisher(i, publishers) for i in range(publishers)))
-    acked = time.perf_counter() - started
-    connection = await asyncpg.connect(_admin_dsn(args.database_url))
-    try:
-        while await connection.fetchval("SELECT count(*) FROM messages") < count:
-            if time.perf_counter() - started > args.timeout:
-                raise RuntimeError(f"{mode} run {run}: not all {count} stored in time")
-            await asyncio.sleep(0.05)
-    finally:
-        await connection.close()
-    stored = time.perf_counter() - started
+    acked, stored = await timed(mode, run, count, args, publisher)
     tasks = sink.tasks_sent
     await reconciler.close()
     if mode == "reconciled" and reconciler.restored:
@@ -333,18 +344,7 @@ async def path_run(
     await sink.close()
     await rooms.close()
     await engine.dispose()
-    await asyncio.sleep(0.3)
-    after = scrape(metrics_port)
-    return Result(
-        mode=mode,
-        run=run,
-        messages=count,
-        acked_s=acked,
-        stored_s=stored,
-        tasks=tasks,
-        lag_p50=lag_quantile(before, after, 0.5),
-        lag_p99=lag_quantile(before, after, 0.99),
-    )
+    return await result(mode, run, count, acked, stored, tasks, before, metrics_port)
 
 
 def print_result(r: Result) -> None:

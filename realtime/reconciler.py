@@ -276,7 +276,7 @@ class Reconciler:
             )
         if lost:
             self.lost += len(lost)
-            for first, last in _spans(lost):
+            for first, last in spans(lost):
                 report.lost.append((room, epoch, first, last))
             log.error(
                 "room %s epoch %s: %d published messages are lost: not stored and no longer "
@@ -304,7 +304,7 @@ def _decode(frame: bytes) -> StoredMessage | None:
         return None
 
 
-def _spans(offsets: list[int]) -> list[tuple[int, int]]:
+def spans(offsets: list[int]) -> list[tuple[int, int]]:
     """Sorted offsets as runs: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
     spans: list[tuple[int, int]] = []
     for offset in offsets:
@@ -316,4 +316,4 @@ def _spans(offsets: list[int]) -> list[tuple[int, int]]:
 
 
 def _ranges(offsets: list[int]) -> str:
-    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in _spans(offsets))
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans(offsets))
