@@ -58,6 +58,7 @@ def build_backends(
                 history_window=max(settings.history_window, 1),
                 seed=seed,
                 max_unconfirmed=settings.max_unconfirmed,
+                state_ttl=settings.room_state_ttl,
             ),
             MemoryPresence(timeout=presence_entry_ttl(settings.presence_timeout)),
             UserConnections(),  # one node: the hub's own count is the whole count
@@ -73,6 +74,7 @@ def build_backends(
                 history_window=max(settings.history_window, 1),
                 node_id=settings.node_id,
                 max_unconfirmed=settings.max_unconfirmed,
+                state_ttl=settings.room_state_ttl,
             ),
             RedisPresence(
                 settings.broker_url, timeout=presence_entry_ttl(settings.presence_timeout)

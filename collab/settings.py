@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     # its members are closed (1011) and recover on reconnect.
     recovery_backlog_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     history_window: int = Field(default=1000, ge=0)
+    # A room's or feed's broker state (epoch, offset, recent window) is dropped after this many
+    # seconds without a publication (0: kept for ever), so Redis does not keep every room ever
+    # used; the room comes back with a new epoch (clients get `recovered: false`; history is
+    # in the database). Never while a room holds messages not yet confirmed stored. The
+    # default is Centrifugo's `history_meta_ttl` (30 days).
+    room_state_ttl: float = Field(default=30 * 86_400, ge=0, le=10 * 365 * 86_400)
     shutdown_timeout: float = Field(default=10.0, ge=0)
     auto_migrate: bool | None = Field(
         default=None,

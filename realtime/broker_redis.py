@@ -4,11 +4,15 @@ Keys (every key of a channel shares the hash tag `{<channel>}`, so one channel's
 one Redis Cluster slot and the Lua scripts stay legal there):
 
 - `collab:{<channel>}:meta`: hash, `e` = epoch, `o` = last offset, `s` = the storage mark of a
-  durable channel (every offset up to it is confirmed stored). No TTL.
+  durable channel (every offset up to it is confirmed stored).
 - `collab:{<channel>}:stream`: stream of the recent window, entry id `<offset>-0`, one field
   `f` = the frame. Trimmed to `history_window` entries, except that a durable channel keeps
-  what is above its storage mark (up to `max_unconfirmed`); no TTL. Deleted whenever a new
-  meta is created, so every entry belongs to the current epoch.
+  what is above its storage mark (up to `max_unconfirmed`). Deleted whenever a new meta is
+  created, so every entry belongs to the current epoch.
+- Both expire after `state_ttl` seconds without a publication (0: never), so that a Redis
+  does not keep every room ever used; the channel then comes back with a new epoch. A
+  durable channel's keys never expire while `s < o`: its publish clears the expiry, and the
+  confirmation that brings `s` up to `o` sets it again.
 - `collab:{<channel>}:reconciling`: a short lock, so one node at a time verifies a channel.
 - `collab:unconfirmed:<db>`: sorted set of durable channels that may have unconfirmed
   publications, scored by the Redis time a node last published to them. The one key outside
@@ -122,12 +126,15 @@ class RedisBroker(Broker):
         seed: PositionSeed | None = None,
         node_id: str = "",
         max_unconfirmed: int = 100_000,
+        state_ttl: float = 0,
     ) -> None:
         if history_window < 1:
             raise ValueError("history_window must be at least 1")
         self.history_window = history_window
         self.idempotency_ttl = idempotency_ttl
         self.max_unconfirmed = max(max_unconfirmed, history_window)
+        self.state_ttl = state_ttl
+        self._ttl_ms = max(0, int(state_ttl * 1000))
         self._seed = seed
         self.node_id = node_id
         self._client: aioredis.Redis = redis_client(
@@ -521,7 +528,7 @@ class RedisBroker(Broker):
             max(1, int(self.idempotency_ttl * 1000)),
             self._pubsub_name(channel),
         ]
-        tail = ["1" if durable else "0", self.max_unconfirmed]
+        tail = ["1" if durable else "0", self.max_unconfirmed, self._ttl_ms]
         # Without a seed a fresh epoch rides along (no extra round trip on a new channel);
         # with one, a missing meta is reported and the seed asked only then.
         start = ("", 0) if self._seed is not None else (new_epoch(), 0)
@@ -668,7 +675,9 @@ class RedisBroker(Broker):
     async def confirm_stored(self, channel: str, epoch: str, offset: int) -> StorageMark | None:
         keys = [self._key(channel, "meta"), self._key(channel, "stream")]
         with _unavailable():
-            reply = await self._confirm_script(keys=keys, args=[epoch, offset, self.history_window])
+            reply = await self._confirm_script(
+                keys=keys, args=[epoch, offset, self.history_window, self._ttl_ms]
+            )
             if not reply:
                 await self._unmark(channel)
                 return None
@@ -701,5 +710,7 @@ class RedisBroker(Broker):
     async def _ensure(self, channel: str) -> Position:
         initial = await self._initial_position(channel)
         keys = [self._key(channel, "meta"), self._key(channel, "stream")]
-        reply = await self._ensure_script(keys=keys, args=[initial.epoch, initial.offset])
+        reply = await self._ensure_script(
+            keys=keys, args=[initial.epoch, initial.offset, self._ttl_ms]
+        )
         return Position(reply[0].decode(), int(reply[1]))

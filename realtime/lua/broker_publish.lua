@@ -46,6 +46,19 @@ else
   redis.call('XADD', stream, 'MAXLEN', ARGV[4], offset .. '-0', 'f', frame)
 end
 redis.call('HSET', meta, 'o', offset)
+-- Room state expires after ARGV[11] ms without a publication (0: never), but never while a
+-- durable channel holds publications not confirmed stored (the reconciler's only copy):
+-- those keys persist until the confirmation that catches up sets the expiry again.
+local ttl = tonumber(ARGV[11])
+if ttl > 0 then
+  if ARGV[9] == '1' then
+    redis.call('PERSIST', meta)
+    redis.call('PERSIST', stream)
+  else
+    redis.call('PEXPIRE', meta, ttl)
+    redis.call('PEXPIRE', stream, ttl)
+  end
+end
 redis.call('PUBLISH', ARGV[6], 'm' .. epoch .. ' ' .. offset .. '\n' .. frame)
 if idem then
   redis.call('SET', idem, epoch .. ' ' .. offset .. ' ' .. ARGV[3], 'PX', ARGV[5])
