@@ -63,7 +63,9 @@ def build_backends(
             MemoryPresence(timeout=presence_entry_ttl(settings.presence_timeout)),
             UserConnections(),  # one node: the hub's own count is the whole count
         )
-    if kind == "redis":
+    if kind == "redis" or kind == "redis_cluster":
+        # One implementation for both: the URL's scheme puts it in cluster mode (sharded
+        # pub/sub, slot-aware ledger, no pipelines of scripts); keys are the same.
         from realtime.broker_redis import RedisBroker
         from realtime.presence_redis import RedisPresence
         from realtime.user_connections_redis import RedisUserConnections

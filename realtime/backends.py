@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-BackendKind = Literal["memory", "redis"]
+BackendKind = Literal["memory", "redis", "redis_cluster"]
 
 SCHEMES: dict[str, BackendKind] = {
     "memory": "memory",  # one process: rooms, presence and feeds in memory
     "redis": "redis",
     "rediss": "redis",  # Redis over TLS
     "unix": "redis",  # Redis over a Unix socket
+    # A Redis Cluster: redis+cluster://host:port[,host:port...] (any nodes; the rest are found)
+    "redis+cluster": "redis_cluster",
+    "rediss+cluster": "redis_cluster",  # over TLS
 }
 
 

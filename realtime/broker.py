@@ -1,8 +1,8 @@
 """The broker interface: how room and feed traffic reaches every node.
 
 Implementations: `broker_memory.MemoryBroker` (one node, `memory://`) and
-`broker_redis.RedisBroker` (many nodes, `redis://`). Both pass the same behaviour suite
-(`tests/test_broker_shared.py`).
+`broker_redis.RedisBroker` (many nodes, `redis://`, or a Redis Cluster with
+`redis+cluster://`). All pass the same behaviour suite (`tests/test_broker_shared.py`).
 
 Contract, for every implementation:
 

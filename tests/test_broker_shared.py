@@ -90,7 +90,7 @@ class Backend:
 
     @property
     def is_redis(self) -> bool:
-        return self.url.startswith("redis://")
+        return self.url != "memory://"  # a single Redis or a Redis Cluster
 
     def broker(
         self,

@@ -59,7 +59,7 @@ if ttl > 0 then
     redis.call('PEXPIRE', stream, ttl)
   end
 end
-redis.call('PUBLISH', ARGV[6], 'm' .. epoch .. ' ' .. offset .. '\n' .. frame)
+redis.call(ARGV[12], ARGV[6], 'm' .. epoch .. ' ' .. offset .. '\n' .. frame)
 if idem then
   redis.call('SET', idem, epoch .. ' ' .. offset .. ' ' .. ARGV[3], 'PX', ARGV[5])
 end
