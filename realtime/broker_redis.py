@@ -791,7 +791,13 @@ class RedisBroker(Broker):
             max(1, int(self.idempotency_ttl * 1000)),
             self.pubsub_name(channel),
         ]
-        tail = ["1" if durable else "0", self.max_unconfirmed, self._ttl_ms, self._publish_cmd]
+        tail = [
+            "1" if durable else "0",
+            self.max_unconfirmed,
+            self._ttl_ms,
+            self._publish_cmd,
+            "1" if self._cluster_mode else "0",
+        ]
         # Without a seed a fresh epoch rides along (no extra round trip on a new channel);
         # with one, a missing meta is reported and the seed asked only then.
         start = ("", 0) if self._seed is not None else (new_epoch(), 0)
@@ -993,6 +999,7 @@ class RedisBroker(Broker):
         initial = await self._initial_position(channel)
         keys = [self._key(channel, "meta"), self._key(channel, "stream")]
         reply = await self._ensure_script(
-            keys=keys, args=[initial.epoch, initial.offset, self._ttl_ms]
+            keys=keys,
+            args=[initial.epoch, initial.offset, self._ttl_ms, "1" if self._cluster_mode else "0"],
         )
         return Position(reply[0].decode(), int(reply[1]))

@@ -86,16 +86,13 @@ class RedisClusterProcesses:
         if created.returncode != 0:
             self.stop()
             pytest.fail(f"redis-cli --cluster create failed: {created.stdout!r}")
-        while not all(self.state_ok(p) for p in self.ports):
+        # Ready when every node says so and every replica has its master's data: a replica
+        # still in its first sync cannot take over, and a failover test would wait forever.
+        while not all(self.state_ok(p) and self.synced(p) for p in self.ports):
             if time.monotonic() > deadline:
                 self.stop()
                 pytest.fail("the Redis Cluster did not reach cluster_state:ok")
             time.sleep(0.05)
-
-    def _client(self, port: int) -> object:
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
 
     def _answers(self, port: int) -> bool:
         import redis
@@ -116,6 +113,19 @@ class RedisClusterProcesses:
             info = client.execute_command("CLUSTER", "INFO")
             text = info.decode() if isinstance(info, bytes) else str(info)
             return "cluster_state:ok" in text
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def synced(self, port: int) -> bool:
+        """A master, or a replica whose link to its master is up."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+        try:
+            info = client.info("replication")
+            return info.get("role") == "master" or info.get("master_link_status") == "up"
         except redis.RedisError:
             return False
         finally:

@@ -1,0 +1,200 @@
+"""What only a Redis Cluster can show (the shared suites run the contract on it already):
+rooms spread over every shard, one sharded subscription per room per node on the shard that
+owns it and none left behind, and a master SIGKILLed under a busy room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from realtime.broker import Broker, BrokerUnavailable, Publication, PublishResult
+from realtime.broker_redis import RedisBroker
+from realtime.types import new_msg_id
+from tests.redis_cluster import RedisClusterProcesses
+
+pytestmark = pytest.mark.redis_cluster
+
+
+class Seen:
+    """A BrokerHandler that remembers publications and resubscriptions."""
+
+    def __init__(self) -> None:
+        self.publications: list[Publication] = []
+        self.resubscribed: list[str] = []
+
+    def on_publication(self, publication: Publication) -> None:
+        self.publications.append(publication)
+
+    def on_event(self, channel: str, frame: bytes, exclude_user: str | None) -> None:
+        pass
+
+    def on_presence(self, channel: str, frame: bytes) -> None:
+        pass
+
+    def on_resubscribed(self, channels: list[str]) -> None:
+        self.resubscribed.extend(channels)
+
+    def offsets(self, channel: str) -> list[int]:
+        return [p.offset for p in self.publications if p.channel == channel]
+
+
+async def eventually(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def publish(broker: Broker, room: str, n: int) -> PublishResult:
+    msg_id = new_msg_id()
+    return await broker.publish(
+        room,
+        kind="message",
+        name_key="room",
+        msg_id=msg_id,
+        fields=orjson.dumps({"msg_id": msg_id, "n": n}),
+        durable=True,
+    )
+
+
+def pubsub_key(room: str) -> str:
+    return f"collab:{{{room}}}:ps:0"
+
+
+def shard_subscriptions(port: int, room: str) -> int:
+    """How many connections of that master are subscribed to the room's shard channel."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+    try:
+        reply = client.execute_command("PUBSUB", "SHARDNUMSUB", pubsub_key(room))
+        return int(reply[1])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def nodes(redis_cluster_url: str) -> AsyncIterator[list[tuple[RedisBroker, Seen]]]:
+    made: list[tuple[RedisBroker, Seen]] = []
+    for i in range(2):
+        broker = RedisBroker(redis_cluster_url, node_id=f"node-{i}")
+        seen = Seen()
+        await broker.start(seen)
+        made.append((broker, seen))
+    yield made
+    for broker, _ in made:
+        await broker.close()
+
+
+def rooms_on_every_shard(cluster: RedisClusterProcesses) -> dict[int, str]:
+    """A room per master: room names drawn until every master owns one."""
+    found: dict[int, str] = {}
+    masters = {cluster.master_of(pubsub_key(f"room:probe{i}")) for i in range(64)}
+    while len(found) < len(masters):
+        room = f"room:c{uuid.uuid4().hex[:8]}"
+        found.setdefault(cluster.master_of(pubsub_key(room)), room)
+    return found
+
+
+async def test_rooms_on_every_shard_reach_both_nodes_in_order_with_one_subscription_each(
+    redis_cluster: RedisClusterProcesses, nodes: list[tuple[RedisBroker, Seen]]
+) -> None:
+    (first, first_seen), (second, second_seen) = nodes
+    by_master = rooms_on_every_shard(redis_cluster)
+    assert len(by_master) == 3
+    for room in by_master.values():
+        await first.subscribe(room)
+        await second.subscribe(room)
+        await second.subscribe(room)  # the hub may ask twice; still one subscription
+    for port, room in by_master.items():
+        assert shard_subscriptions(port, room) == 2  # one per node, on the owning shard
+
+    # Both nodes publish at once into every room; each sees every room's offsets in order.
+    async def burst(broker: RedisBroker, start: int) -> None:
+        for n in range(start, start + 25):
+            await asyncio.gather(*(publish(broker, room, n) for room in by_master.values()))
+
+    await asyncio.gather(burst(first, 0), burst(second, 100))
+    for room in by_master.values():
+        for seen in (first_seen, second_seen):
+            await eventually(lambda s=seen, r=room: len(s.offsets(r)) == 50, 5, "deliveries")
+            assert seen.offsets(room) == list(range(1, 51))
+
+    # Join/leave cycles leave no subscription behind, on any shard.
+    room = next(iter(by_master.values()))
+    for _ in range(1000):
+        await second.subscribe(room)
+        await second.unsubscribe(room)
+    await second.subscribe(room)
+    assert shard_subscriptions(redis_cluster.master_of(pubsub_key(room)), room) == 2
+    for port, each in by_master.items():
+        await first.unsubscribe(each)
+        await second.unsubscribe(each)
+        await eventually(lambda p=port, r=each: shard_subscriptions(p, r) == 0, 5, "unsubscribed")
+    assert await first.unconfirmed() != []  # the ledger (16 slot groups) names the rooms
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[RedisClusterProcesses]:
+    cluster = RedisClusterProcesses(tmp_path)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_killed_master_fails_over_to_a_new_epoch_and_the_room_works_again(
+    own_cluster: RedisClusterProcesses,
+) -> None:
+    """SIGKILL the master of a busy room's shard. Publishes during the switch answer
+    `unavailable` (nothing else); within the failover time the room takes publishes again,
+    in a new epoch from offset 1 (the promoted replica may lack acknowledged writes, so no
+    offset is ever handed out twice), and the subscribed node resubscribes and gets them."""
+    publisher, subscriber = RedisBroker(own_cluster.url), RedisBroker(own_cluster.url)
+    seen = Seen()
+    await publisher.start(Seen())
+    await subscriber.start(seen)
+    try:
+        room = f"room:f{uuid.uuid4().hex[:8]}"
+        await subscriber.subscribe(room)
+        before = [await publish(publisher, room, n) for n in range(20)]
+        await eventually(lambda: len(seen.offsets(room)) == 20, 5, "deliveries before")
+
+        own_cluster.kill(own_cluster.master_of(pubsub_key(room)))
+        killed = time.monotonic()
+        refused = 0
+        after: PublishResult | None = None
+        while after is None:
+            assert time.monotonic() - killed < 30, "no failover within 30 s"
+            try:
+                after = await publish(publisher, room, 1000)
+            except BrokerUnavailable:
+                refused += 1
+                await asyncio.sleep(0.1)
+        took = time.monotonic() - killed
+        print(f"failover: publishes again after {took:.1f}s, {refused} refused meanwhile")
+        assert refused > 0
+        assert after.epoch != before[0].epoch and after.offset == 1
+
+        await eventually(lambda: room in seen.resubscribed, 15, "the subscriber resubscribed")
+        await eventually(lambda: subscriber.healthy, 15, "the subscriber healthy again")
+        more = [await publish(publisher, room, n) for n in range(3)]
+        assert [r.offset for r in more] == [2, 3, 4]
+        await eventually(
+            lambda: (
+                [p.offset for p in seen.publications if p.epoch == after.epoch][-3:] == [2, 3, 4]
+            ),
+            10,
+            "deliveries after the failover",
+        )
+    finally:
+        await publisher.close()
+        await subscriber.close()
