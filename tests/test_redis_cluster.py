@@ -198,3 +198,43 @@ async def test_a_killed_master_fails_over_to_a_new_epoch_and_the_room_works_agai
     finally:
         await publisher.close()
         await subscriber.close()
+
+
+async def test_two_hub_nodes_on_the_cluster_share_rooms_and_presence(
+    redis_cluster_url: str, tmp_path: Path, sqlite_template: Path
+) -> None:
+    """Two `collab serve` processes on the Redis Cluster (COLLAB_BROKER_URL=redis+cluster://):
+    in rooms on different shards, members on both nodes get every message of both nodes'
+    publishers in one offset order, and each sees the other node's member present."""
+    from tests.test_cluster_e2e import join_on, presence_of, start_nodes, stop_nodes
+    from tests.wsclient import Client, Frame, guest
+
+    nodes = start_nodes(tmp_path, sqlite_template, redis_cluster_url, ["a", "b"])
+    try:
+        rooms = [f"rc-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+        (ann_token, ann_id), (bob_token, bob_id) = (
+            guest(nodes[0].url, "ann"),
+            guest(nodes[1].url, "bob"),
+        )
+        for room in rooms:
+            ann, _ = await join_on(nodes[0], ann_token, room)
+            bob, _ = await join_on(nodes[1], bob_token, room)
+
+            async def send(client: Client, room: str = room) -> list[Frame]:
+                # One reader per WebSocket: each client's requests one after another.
+                return [
+                    await client.request({"type": "publish", "room": room, "body": {"n": n}})
+                    for n in range(10)
+                ]
+
+            acks = [ack for per in await asyncio.gather(send(ann), send(bob)) for ack in per]
+            assert sorted(a["offset"] for a in acks) == list(range(1, 21))
+            for member in (ann, bob):
+                got = await member.messages(room, 20, timeout=10)
+                assert [m["offset"] for m in got] == list(range(1, 21))
+                assert {m["msg_id"] for m in got} == {a["msg_id"] for a in acks}
+            assert await presence_of(ann, room) == {ann_id: 1, bob_id: 1}
+            await ann.close()
+            await bob.close()
+    finally:
+        stop_nodes(nodes)
