@@ -93,6 +93,10 @@ _SUBSCRIBE_CHUNK = 1000
 _UNAVAILABLE = UNAVAILABLE
 # A cluster node's unconfirmed ledger is split into this many sets, each in its own slot.
 _UNCONFIRMED_GROUPS = 16
+# What a pub/sub connection of our own takes over from the cluster client's settings.
+_CONNECTION_SETTINGS = frozenset(
+    {"username", "password", "credential_provider", "client_name", "socket_keepalive"}
+)
 _NO_ROUTE: tuple[type[Exception], ...] = (RedisClusterException, *UNAVAILABLE)
 # How often the cluster watcher looks at its listeners (a failover takes seconds).
 _TOPOLOGY_CHECK = 0.5
@@ -315,7 +319,13 @@ class _Listener:
         announce = False
         failures = 0
         while True:
-            conn = self._make_connection()
+            try:
+                conn = self._make_connection()
+            except Exception as exc:  # no slot map yet, or a bad setting: wait, never die
+                log.debug("%s pub/sub connection not made: %s", self.label, exc)
+                self.first_attempt.set()
+                await asyncio.sleep(_BACKOFF_MAX)
+                continue
             try:
                 buffered = await self._resubscribe(conn)
                 self._conn = conn
@@ -637,6 +647,10 @@ class RedisBroker(Broker):
     async def _listener_for(self, name: str) -> _Listener:
         listener = self._listeners.get(name)
         if listener is not None:
+            if name:
+                # Created by a concurrent call that is still connecting it: a burst of joins
+                # into a new shard's rooms waits for that first attempt too.
+                await listener.first_attempt.wait()
             return listener
         if not name:
             # No slot map yet: the channel waits, wanted, in a listener that never connects
@@ -646,20 +660,27 @@ class RedisBroker(Broker):
             return listener
         host, _, port = name.rpartition(":")
         assert self._cluster is not None
-        kwargs = self._cluster.connection_kwargs
+        # The cluster client's own connection settings (credentials, TLS, client name), for a
+        # connection of our own: redis-py's cluster pub/sub reconnects and resubscribes
+        # silently, and the hub must hear of every reconnect (on_resubscribed).
+        given = self._cluster.connection_kwargs
+        connection_class = given.get("connection_class", Connection)
+        kwargs = {
+            key: value
+            for key, value in given.items()
+            if key in _CONNECTION_SETTINGS or key.startswith("ssl_")
+        }
+        kwargs.update(
+            host=host,
+            port=int(port),
+            socket_timeout=_SOCKET_TIMEOUT,
+            socket_connect_timeout=_SOCKET_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+            protocol=2,
+        )
 
         def connect() -> AbstractConnection:
-            return Connection(
-                host=host,
-                port=int(port),
-                socket_timeout=_SOCKET_TIMEOUT,
-                socket_connect_timeout=_SOCKET_TIMEOUT,
-                retry=Retry(NoBackoff(), 0),
-                protocol=2,
-                username=kwargs.get("username"),
-                password=kwargs.get("password"),
-                client_name=kwargs.get("client_name"),
-            )
+            return cast(AbstractConnection, connection_class(**kwargs))
 
         listener = _Listener(connect, self, sharded=True, label=f"Redis Cluster {name}")
         self._listeners[name] = listener
@@ -714,9 +735,11 @@ class RedisBroker(Broker):
                 except BrokerUnavailable:
                     continue  # wanted there: its listener announces it when it connects
                 moved.append(channel)
-        # Listeners of nodes that hold nothing any more (a dead master's) are closed.
+        # Listeners of nodes that hold nothing any more (a dead master's) are closed; not one
+        # a `subscribe` has just routed a channel to and is still connecting.
+        routed = set(self._route.values())
         for name, listener in list(self._listeners.items()):
-            if not listener.wanted:
+            if not listener.wanted and name not in routed:
                 del self._listeners[name]
                 await listener.close()
         if moved:

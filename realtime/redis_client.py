@@ -24,7 +24,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -32,13 +37,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 AnyRedis = aioredis.Redis | RedisCluster
 
 # What "Redis cannot be reached" looks like: a lost or slow connection, and on a cluster a
-# shard without a master (failover under way) or a slot in migration.
+# shard without a master (failover under way), a slot in migration, or no node answering at
+# all (redis-py's RedisClusterException "cannot be connected", which is not a RedisError;
+# it also covers a command it cannot route, which our fixed key layout never sends).
 UNAVAILABLE: tuple[type[Exception], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     ClusterDownError,
     SlotNotCoveredError,
     TryAgainError,
+    RedisClusterException,
 )
 
 CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})

@@ -238,3 +238,36 @@ async def test_two_hub_nodes_on_the_cluster_share_rooms_and_presence(
             await bob.close()
     finally:
         stop_nodes(nodes)
+
+
+async def test_a_cluster_nobody_answers_means_unavailable_everywhere() -> None:
+    """No seed answers: the broker starts unhealthy and every call raises BrokerUnavailable
+    (the node answers `unavailable`), as on a single Redis; presence says so too."""
+    from realtime.presence import PresenceUnavailable
+    from realtime.presence_redis import RedisPresence
+    from realtime.types import Position, UserInfo
+    from tests.redis_cluster import free_cluster_ports
+
+    ports = free_cluster_ports(2)
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    broker, presence = RedisBroker(url), RedisPresence(url)
+    try:
+        await broker.start(Seen())
+        await presence.start()
+        assert not broker.healthy
+        room = "room:nobody"
+        for call in (
+            lambda: publish(broker, room, 1),
+            lambda: broker.publish_event(room, b"{}"),
+            lambda: broker.position(room),
+            lambda: broker.recent(room, Position("abcdef01", 0)),
+            lambda: broker.unconfirmed(),
+            lambda: broker.subscribe(room),
+        ):
+            with pytest.raises(BrokerUnavailable):
+                await call()
+        with pytest.raises(PresenceUnavailable):
+            await presence.add(room, "c1", UserInfo("1", "ann"), "n1")
+    finally:
+        await broker.close()
+        await presence.close()
