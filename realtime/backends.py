@@ -5,6 +5,10 @@ schemes to backend kinds. A new backend (Redis Cluster, say) is a new kind here,
 beside the others (`broker_<kind>.py`, `presence_<kind>.py`), a branch in
 `collab.realtime_wiring.build_backends`, and the shared behaviour suites run it through their
 `backend_url` fixtures; nothing else names schemes.
+
+The `redis_cluster` kind is built by the Redis modules themselves, in their cluster mode
+(`broker_redis`, `presence_redis`, `user_connections_redis` read the scheme): the keys,
+scripts and listener are the same, so a second copy of them would only drift.
 """
 
 from __future__ import annotations
