@@ -271,3 +271,57 @@ async def test_a_cluster_nobody_answers_means_unavailable_everywhere() -> None:
     finally:
         await broker.close()
         await presence.close()
+
+
+async def test_clients_through_a_master_failover_get_every_ack_or_recovered_false(
+    own_cluster: RedisClusterProcesses, tmp_path: Path, sqlite_template: Path
+) -> None:
+    """Two hub nodes on a cluster whose master of a busy room is SIGKILLed: publishes during
+    the switch answer `unavailable`; then the room works again in a new epoch; its members are
+    told to reconnect (1011) and their recovery says `recovered: false`; the database holds
+    every acknowledged message once."""
+    from tests.test_cluster_e2e import join_on, start_nodes, stop_nodes, stored_msg_ids
+    from tests.wsclient import guest
+
+    a, b = start_nodes(tmp_path, sqlite_template, own_cluster.url, ["fa", "fb"])
+    try:
+        room = f"rf-{uuid.uuid4().hex[:8]}"
+        ann_token, _ = guest(a.url, "ann")
+        bob_token, _ = guest(b.url, "bob")
+        ann, joined = await join_on(a, ann_token, room)
+        bob, _ = await join_on(b, bob_token, room)
+        epoch = joined["epoch"]
+        acked: list[str] = []
+
+        async def send(n: int) -> str:
+            reply = await ann.request({"type": "publish", "room": room, "body": {"n": n}})
+            if reply["type"] == "ack":
+                acked.append(reply["msg_id"])
+                return "ack"
+            assert reply["type"] == "error" and reply["code"] == "unavailable", reply
+            return "unavailable"
+
+        for n in range(5):
+            assert await send(n) == "ack"
+        assert [m["offset"] for m in await bob.messages(room, 5)] == [1, 2, 3, 4, 5]
+
+        own_cluster.kill(own_cluster.master_of(f"collab:{{room:{room}}}:meta"))
+        outcomes: list[str] = []
+        deadline = time.monotonic() + 30
+        while not outcomes or outcomes[-1] != "ack":
+            assert time.monotonic() < deadline, f"no ack within 30 s: {outcomes[-5:]}"
+            outcomes.append(await send(100 + len(outcomes)))
+            await asyncio.sleep(0.05)
+        assert "unavailable" in outcomes
+
+        # The new epoch voids every position: both members are told to reconnect and recover.
+        assert await bob.closed_with(timeout=15) == 1011
+        since = {"epoch": epoch, "offset": 5}
+        bob, rejoined = await join_on(a, bob_token, room, since=since)
+        assert rejoined["recovered"] is False and rejoined["epoch"] != epoch
+        assert rejoined["offset"] == 1  # the first ack after the switch, offset 1 again
+
+        stored = stored_msg_ids(tmp_path / "cluster.db", room)
+        assert set(acked) == stored and len(acked) == 6
+    finally:
+        stop_nodes([a, b])
