@@ -205,7 +205,8 @@ async def test_two_hub_nodes_on_the_cluster_share_rooms_and_presence(
 ) -> None:
     """Two `collab serve` processes on the Redis Cluster (COLLAB_BROKER_URL=redis+cluster://):
     in rooms on different shards, members on both nodes get every message of both nodes'
-    publishers in one offset order, and each sees the other node's member present."""
+    publishers in one offset order, each sees the other node's member present, and a member
+    who switches node recovers exactly what he missed."""
     from tests.test_cluster_e2e import join_on, presence_of, start_nodes, stop_nodes
     from tests.wsclient import Client, Frame, guest
 
@@ -234,6 +235,19 @@ async def test_two_hub_nodes_on_the_cluster_share_rooms_and_presence(
                 assert [m["offset"] for m in got] == list(range(1, 21))
                 assert {m["msg_id"] for m in got} == {a["msg_id"] for a in acks}
             assert await presence_of(ann, room) == {ann_id: 1, bob_id: 1}
+            # Bob switches node while ann keeps writing: his recovery on node a has exactly
+            # what he missed, from the window on the room's shard.
+            epoch = got[-1]["epoch"]
+            await bob.close()
+            missed = [
+                await ann.request({"type": "publish", "room": room, "body": {"m": n}})
+                for n in range(3)
+            ]
+            bob, joined = await join_on(
+                nodes[0], bob_token, room, since={"epoch": epoch, "offset": 20}
+            )
+            assert joined["recovered"] is True
+            assert [m["msg_id"] for m in joined["missed"]] == [a["msg_id"] for a in missed]
             await ann.close()
             await bob.close()
     finally:
