@@ -9,7 +9,8 @@ Keys per room (one hash tag, so each script touches one Redis Cluster slot):
   that `members` (part of every join's reply) reads one field per user, not per connection
 
 and `collab:presence:rooms`, the set of rooms that may hold entries, which is how `expire`
-finds them. No key has a TTL: entries leave through `remove` or `expire`.
+finds them (on a Redis Cluster 16 sets, `collab:presence:rooms:{g<n>}`, a room in set
+`crc32(room) % 16`). No key has a TTL: entries leave through `remove` or `expire`.
 
 On a Redis Cluster (`redis+cluster://`) the same keys and scripts: each script touches one
 room's slot. Calls that span rooms run one command per room, concurrently, instead of in a
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 
 _PREFIX = "collab:presence:"
 _ROOMS_KEY = _PREFIX + "rooms"
+# On a cluster the set of rooms is split, each part in its own slot, so that every join's SADD
+# does not land on one shard.
+_ROOM_GROUPS = 16
 _SOCKET_TIMEOUT = 2.0
 _EXPIRE_BATCH = 1000  # stale connections removed per script call: no long-running script
 _PIPELINE_ROOMS = 500
@@ -108,7 +113,7 @@ class RedisPresence(Presence):
             if self._cluster:
                 # The room joins the set after the entry exists; `expire` relies on this order.
                 first = await self._add(keys=_keys(room), args=[conn_id, entry, user.id, user.name])
-                await self._client.sadd(_ROOMS_KEY, room)
+                await self._client.sadd(self._rooms_key(room), room)
                 return bool(first)
             async with cast(aioredis.Redis, self._client).pipeline(transaction=False) as pipe:
                 # The room joins the set after the entry exists; `expire` relies on this order.
@@ -172,8 +177,10 @@ class RedisPresence(Presence):
         timeout_ms = max(1, int(self.timeout * 1000))
         left: list[tuple[str, UserInfo]] = []
         with _unavailable():
-            members = cast(set[bytes], await self._client.smembers(_ROOMS_KEY))
-            pending = sorted(room.decode() for room in members)
+            parts = await asyncio.gather(
+                *(self._client.smembers(key) for key in self._rooms_keys())
+            )
+            pending = sorted(room.decode() for part in parts for room in cast(set[bytes], part))
             while pending:
                 batch, pending = pending[:_PIPELINE_ROOMS], pending[_PIPELINE_ROOMS:]
                 replies = await self._each(
@@ -205,6 +212,16 @@ class RedisPresence(Presence):
         """Drops an empty room from the set without losing a concurrent `add`: that one adds
         its entry before the room, so either the check below sees the entry or its SADD
         comes after our SREM."""
-        await self._client.srem(_ROOMS_KEY, room)
+        await self._client.srem(self._rooms_key(room), room)
         if await self._client.exists(_keys(room)[0]):
-            await self._client.sadd(_ROOMS_KEY, room)
+            await self._client.sadd(self._rooms_key(room), room)
+
+    def _rooms_key(self, room: str) -> str:
+        if not self._cluster:
+            return _ROOMS_KEY
+        return f"{_ROOMS_KEY}:{{g{zlib.crc32(room.encode()) % _ROOM_GROUPS}}}"
+
+    def _rooms_keys(self) -> list[str]:
+        if not self._cluster:
+            return [_ROOMS_KEY]
+        return [f"{_ROOMS_KEY}:{{g{group}}}" for group in range(_ROOM_GROUPS)]
