@@ -24,7 +24,7 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 
-from realtime.backends import is_shared
+from realtime.backends import backend_kind, is_shared
 
 MAX_TRACKED = 10_000
 
@@ -83,7 +83,24 @@ class LoginFailureLimiter:
         self.limit = limits.parse(limit)
         self._pool: Any = None
         self.storage: Storage
-        if is_shared(broker_url):
+        self._cluster: Any = None
+        if backend_kind(broker_url) == "redis_cluster":
+            from limits.aio.storage import RedisClusterStorage
+
+            scheme, _, rest = broker_url.partition("://")
+            cluster_storage = RedisClusterStorage(
+                f"async+redis+cluster://{rest}",
+                wrap_exceptions=True,
+                implementation="redispy",
+                key_prefix="collab",
+                socket_timeout=5,
+                socket_connect_timeout=5,
+                ssl=scheme == "rediss+cluster",
+            )
+            bridge: Any = cluster_storage.bridge  # limits' redis-py bridge, untyped
+            self._cluster = bridge.storage  # its redis-py cluster client, closed with us
+            self.storage = cluster_storage
+        elif is_shared(broker_url):
             import redis.asyncio as redis
 
             # Our own pool, so the connections close with the app, and a hung Redis answers
@@ -110,6 +127,8 @@ class LoginFailureLimiter:
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.disconnect()
+        if self._cluster is not None:
+            await self._cluster.aclose()
 
     @staticmethod
     def _key(username: str) -> str:

@@ -97,10 +97,11 @@ class RedisTicketStore:
     PREFIX = "collab:ws-ticket:"
 
     def __init__(self, url: str, ttl: float) -> None:
-        from realtime.redis_client import redis_client  # redis is an optional dependency
+        # redis is an optional dependency; a Redis Cluster URL gives a cluster client
+        from realtime.redis_client import any_redis_client
 
         self.ttl = ttl
-        self._redis = redis_client(url, timeout=5)
+        self._redis = any_redis_client(url, timeout=5)
 
     async def issue(self, user_id: int, version: int, expires_at: float | None = None) -> str:
         ticket = secrets.token_urlsafe(32)

@@ -58,11 +58,14 @@ def build_backends(
                 history_window=max(settings.history_window, 1),
                 seed=seed,
                 max_unconfirmed=settings.max_unconfirmed,
+                state_ttl=settings.room_state_ttl,
             ),
             MemoryPresence(timeout=presence_entry_ttl(settings.presence_timeout)),
             UserConnections(),  # one node: the hub's own count is the whole count
         )
-    if kind == "redis":
+    if kind == "redis" or kind == "redis_cluster":
+        # One implementation for both: the URL's scheme puts it in cluster mode (sharded
+        # pub/sub, slot-aware ledger, no pipelines of scripts); keys are the same.
         from realtime.broker_redis import RedisBroker
         from realtime.presence_redis import RedisPresence
         from realtime.user_connections_redis import RedisUserConnections
@@ -73,6 +76,7 @@ def build_backends(
                 history_window=max(settings.history_window, 1),
                 node_id=settings.node_id,
                 max_unconfirmed=settings.max_unconfirmed,
+                state_ttl=settings.room_state_ttl,
             ),
             RedisPresence(
                 settings.broker_url, timeout=presence_entry_ttl(settings.presence_timeout)

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     # its members are closed (1011) and recover on reconnect.
     recovery_backlog_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     history_window: int = Field(default=1000, ge=0)
+    # A room's or feed's broker state (epoch, offset, recent window) is dropped after this many
+    # seconds without a publication (0: kept for ever), so Redis does not keep every room ever
+    # used; the room comes back with a new epoch (clients get `recovered: false`; history is
+    # in the database). Never while a room holds messages not yet confirmed stored. The
+    # default is Centrifugo's `history_meta_ttl` (30 days).
+    room_state_ttl: float = Field(default=30 * 86_400, ge=0, le=10 * 365 * 86_400)
     shutdown_timeout: float = Field(default=10.0, ge=0)
     auto_migrate: bool | None = Field(
         default=None,
@@ -100,6 +106,10 @@ class Settings(BaseSettings):
     # The Celery sink answers `unavailable` when the broker has not taken a batch in this time.
     celery_send_timeout: float = Field(default=5.0, gt=0, le=300)
     celery_queue: str = Field(default="collab.messages", pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    # RabbitMQ only. "quorum": the queue is replicated over a RabbitMQ cluster (Raft) and
+    # survives the loss of a minority of its nodes; "classic" lives on one node. A queue's
+    # type is fixed when it is first declared: switching needs a new COLLAB_CELERY_QUEUE.
+    celery_queue_type: Literal["classic", "quorum"] = "classic"
     # Merged over the defaults for the broker (a JSON object), for example
     # {"visibility_timeout": 3600} for Redis. Redis's visibility timeout must stay above
     # celery_retry_backoff_max, or a batch waiting for its retry is delivered twice.
@@ -204,6 +214,20 @@ class Settings(BaseSettings):
                 "or mysql+aiomysql://"
             )
         return value
+
+    @model_validator(mode="after")
+    def _quorum_needs_rabbitmq(self) -> Settings:
+        # Redis has no queue types; accepting the setting there would promise a replication
+        # nothing provides.
+        if self.celery_queue_type == "quorum" and not (
+            self.celery_broker_url
+            and self.celery_broker_url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+        ):
+            raise ValueError(
+                "COLLAB_CELERY_QUEUE_TYPE=quorum needs RabbitMQ as COLLAB_CELERY_BROKER_URL "
+                "(amqp:// or amqps://)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _reply_holds_messages(self) -> Settings:

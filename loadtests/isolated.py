@@ -32,6 +32,7 @@ class IsolatedBroker:
     url: str
     queue: str
     options: dict[str, Any] = field(default_factory=dict)
+    queue_type: str = "classic"  # RabbitMQ's "classic" or "quorum"
 
     @classmethod
     def on_redis(cls, redis_url: str, db: int, prefix: str, **options: Any) -> IsolatedBroker:
@@ -46,8 +47,14 @@ class IsolatedBroker:
         )
 
     @classmethod
-    def on_rabbitmq(cls, amqp_url: str, prefix: str) -> IsolatedBroker:
-        return cls(kind="amqp", url=amqp_url, queue=f"{prefix}.{uuid.uuid4().hex[:10]}")
+    def on_rabbitmq(cls, amqp_url: str, prefix: str, *, quorum: bool = False) -> IsolatedBroker:
+        """A queue of its own in the default vhost; a quorum queue when `quorum`."""
+        return cls(
+            kind="amqp",
+            url=amqp_url,
+            queue=f"{prefix}.{uuid.uuid4().hex[:10]}",
+            queue_type="quorum" if quorum else "classic",
+        )
 
     def env(self) -> dict[str, str]:
         """The settings (`COLLAB_CELERY_*`) that point a server or worker at this queue."""
@@ -55,6 +62,7 @@ class IsolatedBroker:
             "COLLAB_CELERY_BROKER_URL": self.url,
             "COLLAB_CELERY_QUEUE": self.queue,
             "COLLAB_CELERY_BROKER_TRANSPORT_OPTIONS": orjson.dumps(self.options).decode(),
+            "COLLAB_CELERY_QUEUE_TYPE": self.queue_type,
         }
 
     def cleanup(self) -> None:

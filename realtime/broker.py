@@ -1,8 +1,8 @@
 """The broker interface: how room and feed traffic reaches every node.
 
 Implementations: `broker_memory.MemoryBroker` (one node, `memory://`) and
-`broker_redis.RedisBroker` (many nodes, `redis://`). Both pass the same behaviour suite
-(`tests/test_broker_shared.py`).
+`broker_redis.RedisBroker` (many nodes, `redis://`, or a Redis Cluster with
+`redis+cluster://`). All pass the same behaviour suite (`tests/test_broker_shared.py`).
 
 Contract, for every implementation:
 
@@ -29,6 +29,11 @@ Contract, for every implementation:
   again. A new epoch starts with the mark at its first offset minus one.
 - Ephemeral events (typing, presence diffs) travel with `publish_event`: no offset, no history.
 - `position` creates a channel's state (its epoch) on first use; `peek_position` never does.
+- With `state_ttl` (seconds, 0: never), a channel's state (epoch, offset, window) is dropped
+  once nobody published to it for that long, and the channel comes back with a new epoch
+  (or its seed's), so positions clients hold are void (`recovered: false`). A durable
+  channel's state never expires while it holds publications above its storage mark: the
+  idle time counts from the publish, or the confirmation, that leaves nothing unconfirmed.
 - While the backend is unreachable, `publish`, `publish_event`, `position` and `recent` raise
   `BrokerUnavailable`; nothing is half-published.
 - A broker never blocks on a slow consumer: `BrokerHandler` callbacks are plain functions
@@ -148,6 +153,7 @@ class Broker(ABC):
     history_window: int
     idempotency_ttl: float
     max_unconfirmed: int
+    state_ttl: float = 0
 
     @abstractmethod
     async def start(self, handler: BrokerHandler) -> None:

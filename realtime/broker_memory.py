@@ -41,6 +41,8 @@ class _Channel:
     window: deque[Publication]
     stored: int  # the storage mark (`realtime.broker.StorageMark`)
     durable: bool = False
+    # When the state last became idle-expirable: created, published to, or confirmed.
+    touched: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +87,14 @@ class MemoryBroker(Broker):
         idempotency_ttl: float = 86400,
         seed: PositionSeed | None = None,
         max_unconfirmed: int = 100_000,
+        state_ttl: float = 0,
     ) -> None:
         if history_window < 1:
             raise ValueError("history_window must be at least 1")
         self.history_window = history_window
         self.idempotency_ttl = idempotency_ttl
         self.max_unconfirmed = max(max_unconfirmed, history_window)
+        self.state_ttl = state_ttl
         self._seed = seed
         self._channels: dict[str, _Channel] = {}
         self._subscribed: set[str] = set()
@@ -138,6 +142,7 @@ class MemoryBroker(Broker):
         offset = state.offset + 1
         frame = build_frame(head, state.epoch, offset, fields)
         state.offset = offset
+        state.touched = time.monotonic()
         publication = Publication(channel=channel, epoch=state.epoch, offset=offset, frame=frame)
         state.window.append(publication)
         self._trim(state)
@@ -183,7 +188,7 @@ class MemoryBroker(Broker):
         return Position(state.epoch, state.offset)
 
     async def peek_position(self, channel: str) -> Position | None:
-        state = self._channels.get(channel)
+        state = self._live(channel)
         return None if state is None else Position(state.epoch, state.offset)
 
     async def recent(self, channel: str, since: Position) -> list[Publication] | None:
@@ -198,12 +203,16 @@ class MemoryBroker(Broker):
         return list(state.window)[-missing:]
 
     async def last_frame(self, channel: str) -> bytes | None:
-        state = self._channels.get(channel)
+        state = self._live(channel)
         if state is None or not state.window:
             return None
         return state.window[-1].frame
 
     async def unconfirmed(self, limit: int = 10_000) -> list[str]:
+        # The reconciler asks every few seconds: the moment to let idle channels go, as Redis
+        # would have expired them.
+        for name in [c for c, s in self._channels.items() if self._expired(s)]:
+            del self._channels[name]
         found = []
         for channel, state in self._channels.items():
             if state.durable and state.offset > state.stored:
@@ -213,13 +222,13 @@ class MemoryBroker(Broker):
         return found
 
     async def storage_mark(self, channel: str) -> StorageMark | None:
-        state = self._channels.get(channel)
+        state = self._live(channel)
         if state is None:
             return None
         return StorageMark(state.epoch, state.offset, state.stored)
 
     async def window(self, channel: str, epoch: str, first: int, last: int) -> list[Publication]:
-        state = self._channels.get(channel)
+        state = self._live(channel)
         if state is None or state.epoch != epoch or not state.window:
             return []
         base = state.window[0].offset
@@ -227,12 +236,14 @@ class MemoryBroker(Broker):
         return [state.window[i] for i in range(start, stop)]
 
     async def confirm_stored(self, channel: str, epoch: str, offset: int) -> StorageMark | None:
-        state = self._channels.get(channel)
+        state = self._live(channel)
         if state is None:
             return None
         if state.epoch == epoch and offset > state.stored:
             state.stored = min(offset, state.offset)
             self._trim(state)
+            if state.stored >= state.offset:
+                state.touched = time.monotonic()  # idle from now, as Redis's confirm sets it
         return StorageMark(state.epoch, state.offset, state.stored)
 
     def _trim(self, state: _Channel) -> None:
@@ -250,14 +261,28 @@ class MemoryBroker(Broker):
     def healthy(self) -> bool:
         return True
 
-    async def _state(self, channel: str) -> _Channel:
+    def _expired(self, state: _Channel) -> bool:
+        """Idle past `state_ttl`, with nothing unconfirmed held (`realtime.broker`)."""
+        if self.state_ttl <= 0 or (state.durable and state.stored < state.offset):
+            return False
+        return time.monotonic() - state.touched >= self.state_ttl
+
+    def _live(self, channel: str) -> _Channel | None:
+        """The channel's state, unless it expired (then it is dropped)."""
         state = self._channels.get(channel)
+        if state is not None and self._expired(state):
+            del self._channels[channel]
+            return None
+        return state
+
+    async def _state(self, channel: str) -> _Channel:
+        state = self._live(channel)
         if state is not None:
             return state
         seeded = await self._seed(channel) if self._seed is not None else None
         # Another caller may have created the channel while the seed was awaited; theirs wins
         # so that one epoch is ever handed out.
-        state = self._channels.get(channel)
+        state = self._live(channel)
         if state is not None:
             return state
         # A seeded position comes from the durable store: everything up to it is stored.
@@ -270,7 +295,7 @@ class MemoryBroker(Broker):
 
     def _frame_at(self, channel: str, epoch: str, offset: int) -> bytes:
         """A duplicate's first frame, while the window still holds it; else empty bytes."""
-        state = self._channels.get(channel)
+        state = self._live(channel)
         if state is None or state.epoch != epoch or not state.window:
             return b""
         index = offset - state.window[0].offset

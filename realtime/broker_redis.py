@@ -4,19 +4,26 @@ Keys (every key of a channel shares the hash tag `{<channel>}`, so one channel's
 one Redis Cluster slot and the Lua scripts stay legal there):
 
 - `collab:{<channel>}:meta`: hash, `e` = epoch, `o` = last offset, `s` = the storage mark of a
-  durable channel (every offset up to it is confirmed stored). No TTL.
+  durable channel (every offset up to it is confirmed stored).
 - `collab:{<channel>}:stream`: stream of the recent window, entry id `<offset>-0`, one field
   `f` = the frame. Trimmed to `history_window` entries, except that a durable channel keeps
-  what is above its storage mark (up to `max_unconfirmed`); no TTL. Deleted whenever a new
-  meta is created, so every entry belongs to the current epoch.
+  what is above its storage mark (up to `max_unconfirmed`). Deleted whenever a new meta is
+  created, so every entry belongs to the current epoch.
+- Both expire after `state_ttl` seconds without a publication (0: never), so that a Redis
+  does not keep every room ever used; the channel then comes back with a new epoch. A
+  durable channel's keys never expire while `s < o`: its publish clears the expiry, and the
+  confirmation that brings `s` up to `o` sets it again.
 - `collab:{<channel>}:reconciling`: a short lock, so one node at a time verifies a channel.
 - `collab:unconfirmed:<db>`: sorted set of durable channels that may have unconfirmed
   publications, scored by the Redis time a node last published to them. The one key outside
-  a channel's slot: a Redis Cluster backend must keep it per shard.
+  a channel's slot: on a Redis Cluster it is split in 16, `collab:unconfirmed:{g<n>}:0`, a
+  channel in the set `crc32(channel) % 16`, so the sets spread over the shards.
 - `collab:{<channel>}:idem:<key>`: string `"<epoch> <offset> <msg_id>"`, TTL `idempotency_ttl`.
 
 Pub/sub channel `collab:{<channel>}:ps:<db>` (pub/sub ignores databases, so the db number is
 part of the name: two deployments on different databases of one Redis never hear each other).
+On a Redis Cluster it is a sharded channel (SPUBLISH/SSUBSCRIBE) in the channel's own slot,
+so a publication travels only within the shard that owns the room.
 Payloads carry what the listener needs without parsing JSON:
 
 - publication: `b"m" + epoch + b" " + offset + b"\\n" + frame`
@@ -36,12 +43,17 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from typing import cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from realtime.broker import (
@@ -56,7 +68,14 @@ from realtime.broker import (
     check_epoch,
     frame_head,
 )
-from realtime.redis_client import lua_script, redis_client
+from realtime.redis_client import (
+    UNAVAILABLE,
+    AnyRedis,
+    is_cluster,
+    lua_script,
+    redis_client,
+    redis_cluster_client,
+)
 from realtime.types import Position, new_epoch
 
 __all__ = ["RedisBroker"]
@@ -71,7 +90,16 @@ _PING_INTERVAL = 5.0
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 5.0
 _SUBSCRIBE_CHUNK = 1000
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
+_UNAVAILABLE = UNAVAILABLE
+# A cluster node's unconfirmed ledger is split into this many sets, each in its own slot.
+_UNCONFIRMED_GROUPS = 16
+# What a pub/sub connection of our own takes over from the cluster client's settings.
+_CONNECTION_SETTINGS = frozenset(
+    {"username", "password", "credential_provider", "client_name", "socket_keepalive"}
+)
+_NO_ROUTE: tuple[type[Exception], ...] = (RedisClusterException, *UNAVAILABLE)
+# How often the cluster watcher looks at its listeners (a failover takes seconds).
+_TOPOLOGY_CHECK = 0.5
 
 # Writes are ordered so that a failing XADD (the only command that can fail on good input)
 # leaves nothing changed: Redis does not roll a script back.
@@ -109,54 +137,46 @@ def _unavailable() -> Iterator[None]:
         raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
 
 
-class RedisBroker(Broker):
-    """One pub/sub connection per node, subscribed to the channels with local members, kept
-    alive by a supervised listener task; commands go through a separate connection pool."""
+class _Listener:
+    """One pub/sub connection and the channels subscribed on it, kept alive by a supervised
+    task: a single Redis has one; a Redis Cluster one per master that owns a wanted channel.
+
+    `sharded`: SSUBSCRIBE (Redis 7 sharded pub/sub: a channel's messages stay on the shard
+    that owns its slot) instead of SUBSCRIBE, one channel per command, since one SSUBSCRIBE
+    may only name channels of one slot.
+    """
 
     def __init__(
         self,
-        url: str,
+        make_connection: Callable[[], AbstractConnection],
+        broker: RedisBroker,
         *,
-        history_window: int = 1000,
-        idempotency_ttl: float = 86400,
-        seed: PositionSeed | None = None,
-        node_id: str = "",
-        max_unconfirmed: int = 100_000,
+        sharded: bool = False,
+        label: str = "Redis",
     ) -> None:
-        if history_window < 1:
-            raise ValueError("history_window must be at least 1")
-        self.history_window = history_window
-        self.idempotency_ttl = idempotency_ttl
-        self.max_unconfirmed = max(max_unconfirmed, history_window)
-        self._seed = seed
-        self.node_id = node_id
-        self._client: aioredis.Redis = redis_client(
-            url, timeout=_SOCKET_TIMEOUT, client_name=f"collab-{node_id}" if node_id else ""
+        self._make_connection = make_connection
+        self._broker = broker
+        self._sharded = sharded
+        self.label = label
+        self._subscribe_cmd, self._unsubscribe_cmd = (
+            ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
         )
-        self._db = int(self._client.connection_pool.connection_kwargs.get("db") or 0)
-        self._publish_script = self._client.register_script(_PUBLISH_LUA)
-        self._ensure_script = self._client.register_script(_ENSURE_LUA)
-        self._recent_script = self._client.register_script(_RECENT_LUA)
-        self._window_script = self._client.register_script(_WINDOW_LUA)
-        self._confirm_script = self._client.register_script(_CONFIRM_LUA)
-        self._mark_script = self._client.register_script(_MARK_LUA)
-        self._unmark_script = self._client.register_script(_UNMARK_LUA)
-        self._unconfirmed_key = f"{_PREFIX}unconfirmed:{self._db}"
-        self._marked: dict[str, float] = {}  # durable channel -> when this node last marked it
-
-        self._handler: BrokerHandler | None = None
+        self._message_kind = b"smessage" if sharded else b"message"
+        self._confirm_kind = b"ssubscribe" if sharded else b"subscribe"
         self._task: asyncio.Task[None] | None = None
-        self._first_attempt = asyncio.Event()
-        self._healthy = False
-        self._closed = False
+        self.first_attempt = asyncio.Event()
+        self.healthy = False
+        # Channels whose slot this shard gave away while connected (Redis 7 tells a sharded
+        # subscriber with an unasked SUNSUBSCRIBE): the broker moves them to their new owner.
+        self.lost: set[str] = set()
         # The live pub/sub connection; set only while healthy, so nobody writes to a
         # connection the listener has given up on.
         self._conn: AbstractConnection | None = None
         # Channels with local subscribers (the truth a reconnect restores), and the reverse
         # map from pub/sub name for incoming messages.
-        self._wanted: dict[str, bytes] = {}
+        self.wanted: dict[str, bytes] = {}
         self._by_name: dict[bytes, str] = {}
-        self._wanted_version = 0  # bumped on every change of `_wanted`
+        self._wanted_version = 0  # bumped on every change of `wanted`
         # Per channel on the current connection: SUBSCRIBE commands sent and confirmations
         # read. A subscriber waits for the confirmation of its own SUBSCRIBE (Redis answers in
         # order), so a subscribe/unsubscribe/subscribe race never returns early.
@@ -166,35 +186,10 @@ class RedisBroker(Broker):
         self._outstanding = 0  # SUBSCRIBEs sent on the current connection, not yet confirmed
         self._write_lock = asyncio.Lock()
 
-    # Keys and names ---------------------------------------------------------------------
-
-    @staticmethod
-    def _key(channel: str, suffix: str) -> str:
-        return f"{_PREFIX}{{{channel}}}:{suffix}"
-
-    def _pubsub_name(self, channel: str) -> bytes:
-        return f"{_PREFIX}{{{channel}}}:ps:{self._db}".encode()
-
-    def _channel_of(self, name: bytes) -> str:
-        head = len(_PREFIX) + 1
-        tail = len(f"}}:ps:{self._db}")
-        return name[head:-tail].decode()
-
-    # Lifecycle --------------------------------------------------------------------------
-
-    async def start(self, handler: BrokerHandler) -> None:
-        """Returns after the first connection attempt; if Redis is down, the node starts
-        unhealthy and the listener keeps trying (the hub learns through on_resubscribed)."""
-        if self._task is not None:
-            raise RuntimeError("broker already started")
-        self._handler = handler
-        self._task = asyncio.create_task(self._supervise(), name="collab-redis-listener")
-        await self._first_attempt.wait()
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"collab-{self.label}-listener")
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -209,40 +204,29 @@ class RedisBroker(Broker):
                 if not future.done():
                     future.set_result(None)
         self._waiters.clear()
-        self._handler = None
-        await self._client.aclose()
-
-    @property
-    def healthy(self) -> bool:
-        return self._healthy
+        self.healthy = False
 
     # Subscriptions ----------------------------------------------------------------------
 
     async def subscribe(self, channel: str) -> None:
-        """Returns once Redis confirms the subscription, so that a position read afterwards
-        cannot miss a publication in between.
-
-        Raises BrokerUnavailable when that cannot be confirmed (Redis down or slow). The
-        channel then still counts as subscribed: the listener subscribes it when Redis is
-        back and names it in on_resubscribed; call `unsubscribe` to give it up.
-        """
-        name = self._wanted.get(channel)
+        """See `RedisBroker.subscribe`."""
+        name = self.wanted.get(channel)
         if name is None:
-            name = self._pubsub_name(channel)
-            self._wanted[channel] = name
+            name = self._broker.pubsub_name(channel)
+            self.wanted[channel] = name
             self._by_name[name] = channel
             self._wanted_version += 1
             conn = self._live()
             if conn is None:
-                raise BrokerUnavailable("Redis pub/sub is reconnecting")
+                raise BrokerUnavailable(f"{self.label} pub/sub is reconnecting")
             target = self._sent.get(channel, 0) + 1
             self._sent[channel] = target
             self._outstanding += 1
             future = self._add_waiter(channel, target)
-            await self._send(conn, "SUBSCRIBE", name)
+            await self._send(conn, self._subscribe_cmd, name)
         else:
             if self._live() is None:
-                raise BrokerUnavailable("Redis pub/sub is reconnecting")
+                raise BrokerUnavailable(f"{self.label} pub/sub is reconnecting")
             target = self._sent.get(channel, 0)
             if self._confirmed.get(channel, 0) >= target:
                 return
@@ -250,12 +234,12 @@ class RedisBroker(Broker):
         try:
             await asyncio.wait_for(future, _SOCKET_TIMEOUT)
         except TimeoutError:
-            raise BrokerUnavailable("Redis did not confirm the subscription") from None
+            raise BrokerUnavailable(f"{self.label} did not confirm the subscription") from None
         finally:
             self._drop_waiter(channel, future)
 
     async def unsubscribe(self, channel: str) -> None:
-        name = self._wanted.pop(channel, None)
+        name = self.wanted.pop(channel, None)
         if name is None:
             return
         del self._by_name[name]
@@ -263,13 +247,13 @@ class RedisBroker(Broker):
         self._forget_if_settled(channel)
         conn = self._live()
         if conn is not None:
-            await self._send(conn, "UNSUBSCRIBE", name)
+            await self._send(conn, self._unsubscribe_cmd, name)
 
     def _live(self) -> AbstractConnection | None:
         """The pub/sub connection, if a command may be written to it now. Writing to one the
         listener has given up on would make redis-py quietly reconnect it underneath."""
         conn = self._conn
-        if conn is None or not self._healthy or not conn.is_connected:
+        if conn is None or not self.healthy or not conn.is_connected:
             return None
         return conn
 
@@ -303,7 +287,7 @@ class RedisBroker(Broker):
 
     def _forget_if_settled(self, channel: str) -> None:
         """Keeps the per-connection counters bounded by the channels in use."""
-        if channel not in self._wanted and self._confirmed.get(channel, 0) >= self._sent.get(
+        if channel not in self.wanted and self._confirmed.get(channel, 0) >= self._sent.get(
             channel, 0
         ):
             self._sent.pop(channel, None)
@@ -335,33 +319,42 @@ class RedisBroker(Broker):
         announce = False
         failures = 0
         while True:
-            conn = cast(AbstractConnection, self._client.connection_pool.make_connection())  # type: ignore[no-untyped-call]
+            try:
+                conn = self._make_connection()
+            except Exception as exc:  # no slot map yet, or a bad setting: wait, never die
+                log.debug("%s pub/sub connection not made: %s", self.label, exc)
+                self.first_attempt.set()
+                await asyncio.sleep(_BACKOFF_MAX)
+                continue
             try:
                 buffered = await self._resubscribe(conn)
                 self._conn = conn
-                self._healthy = True
-                self._first_attempt.set()
+                self.healthy = True
+                self.first_attempt.set()
                 delay = _BACKOFF_MIN
                 failures = 0
                 if announce:
-                    log.info("Redis pub/sub back; %d channels resubscribed", len(self._wanted))
-                    self._announce()
+                    log.info(
+                        "%s pub/sub back; %d channels resubscribed", self.label, len(self.wanted)
+                    )
+                    self._broker.announce(sorted(self.wanted))
                 for channel, payload in buffered:
-                    self._dispatch(channel, payload)
+                    if channel in self.wanted:
+                        self._broker.dispatch(channel, payload)
                 await self._listen(conn)
             except _UNAVAILABLE as exc:
                 # One warning per outage; the retries of a long one would flood the log.
                 failures += 1
                 level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "Redis pub/sub connection failed (%s); retrying", exc)
+                log.log(level, "%s pub/sub connection failed (%s); retrying", self.label, exc)
             except Exception:
-                log.exception("Redis pub/sub listener failed; reconnecting")
+                log.exception("%s pub/sub listener failed; reconnecting", self.label)
             finally:
-                self._healthy = False
+                self.healthy = False
                 async with self._write_lock:
                     self._conn = None
                     await conn.disconnect(nowait=True)
-            self._first_attempt.set()
+            self.first_attempt.set()
             announce = True
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, _BACKOFF_MAX)
@@ -379,9 +372,10 @@ class RedisBroker(Broker):
         self._sent.clear()
         self._confirmed.clear()
         self._outstanding = 0
+        self.lost.clear()
         # Waiters from the lost connection are satisfied by this connection's SUBSCRIBE.
         for channel in list(self._waiters):
-            if channel in self._wanted:
+            if channel in self.wanted:
                 self._waiters[channel] = [(1, future) for _, future in self._waiters[channel]]
             else:
                 for _, future in self._waiters.pop(channel):
@@ -392,6 +386,8 @@ class RedisBroker(Broker):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _SOCKET_TIMEOUT
         checked = -1
+        # One SSUBSCRIBE names channels of one slot only: one command per channel.
+        chunk_size = 1 if self._sharded else _SUBSCRIBE_CHUNK
         while True:
             if checked == self._wanted_version:
                 if self._outstanding == 0:
@@ -400,27 +396,30 @@ class RedisBroker(Broker):
                 # Scanning the sets only when they changed keeps a reconnect with many
                 # channels linear.
                 checked = self._wanted_version
-                stale = [c for c in self._sent if c not in self._wanted and c not in dropped]
-                fresh = [c for c in self._wanted if c not in self._sent or c in dropped]
+                stale = [c for c in self._sent if c not in self.wanted and c not in dropped]
+                fresh = [c for c in self.wanted if c not in self._sent or c in dropped]
                 if stale:
                     dropped.update(stale)
-                    names = [self._pubsub_name(channel) for channel in stale]
-                    await conn.send_command("UNSUBSCRIBE", *names, check_health=False)
-                for start in range(0, len(fresh), _SUBSCRIBE_CHUNK):
-                    chunk = fresh[start : start + _SUBSCRIBE_CHUNK]
+                    for start in range(0, len(stale), chunk_size):
+                        names = [
+                            self._broker.pubsub_name(c) for c in stale[start : start + chunk_size]
+                        ]
+                        await conn.send_command(self._unsubscribe_cmd, *names, check_health=False)
+                for start in range(0, len(fresh), chunk_size):
+                    chunk = fresh[start : start + chunk_size]
                     for channel in chunk:
                         dropped.discard(channel)
                         self._sent[channel] = self._sent.get(channel, 0) + 1
                         self._outstanding += 1
-                    names = [self._pubsub_name(channel) for channel in chunk]
-                    await conn.send_command("SUBSCRIBE", *names, check_health=False)
+                    names = [self._broker.pubsub_name(channel) for channel in chunk]
+                    await conn.send_command(self._subscribe_cmd, *names, check_health=False)
                     deadline = loop.time() + _SOCKET_TIMEOUT
                 continue
             reply = await conn.read_response(
                 timeout=max(0.001, deadline - loop.time()), disconnect_on_error=False
             )
             if reply is None:
-                raise RedisTimeoutError("Redis did not confirm the resubscription")
+                raise RedisTimeoutError(f"{self.label} did not confirm the resubscription")
             message = self._handle(reply)
             if message is not None:
                 buffered.append(message)
@@ -431,7 +430,9 @@ class RedisBroker(Broker):
             reply = await conn.read_response(timeout=_PING_INTERVAL, disconnect_on_error=False)
             if reply is None:
                 if pinged:
-                    raise RedisTimeoutError("Redis stopped answering on the pub/sub connection")
+                    raise RedisTimeoutError(
+                        f"{self.label} stopped answering on the pub/sub connection"
+                    )
                 async with self._write_lock:
                     await conn.send_command("PING", check_health=False)
                 pinged = True
@@ -439,25 +440,317 @@ class RedisBroker(Broker):
             pinged = False
             message = self._handle(reply)
             if message is not None:
-                self._dispatch(*message)
+                self._broker.dispatch(*message)
 
     def _handle(self, reply: object) -> tuple[str, bytes] | None:
         """A message for a wanted channel, or None after bookkeeping."""
         if not isinstance(reply, list) or len(reply) < 2:
             return None  # PONG outside subscribed mode: liveness only
         kind = reply[0]
-        if kind == b"message" and len(reply) == 3:
+        if kind == self._message_kind and len(reply) == 3:
             channel = self._by_name.get(reply[1])
             if channel is None:
                 return None  # unsubscribed while the message was on its way
             return channel, reply[2]
-        if kind == b"subscribe":
-            self._on_confirmed(self._channel_of(reply[1]))
+        if kind == self._confirm_kind:
+            self._on_confirmed(self._broker.channel_of(reply[1]))
+        elif kind == b"sunsubscribe" and reply[1] in self._by_name:
+            # Not asked for: the shard no longer owns the channel's slot (resharding, or this
+            # master demoted). The broker resubscribes it where it lives now.
+            self.lost.add(self._by_name[reply[1]])
         return None
 
-    def _dispatch(self, channel: str, payload: bytes) -> None:
+
+class RedisBroker(Broker):
+    """Pub/sub connections subscribed to the channels with local members, each kept alive by
+    a supervised listener (`_Listener`); commands go through a separate connection pool.
+
+    With a `redis+cluster://` URL: commands through a Redis Cluster client (a channel's
+    keys share a slot, so each script runs on one shard), sharded pub/sub with one listener
+    per master that owns a wanted channel, and a watcher that follows the topology: when a
+    listener loses its master (failover) or is told a slot moved, it refreshes the slot map,
+    moves the channels to their new owners and tells the handler to recover them.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_window: int = 1000,
+        idempotency_ttl: float = 86400,
+        seed: PositionSeed | None = None,
+        node_id: str = "",
+        max_unconfirmed: int = 100_000,
+        state_ttl: float = 0,
+    ) -> None:
+        if history_window < 1:
+            raise ValueError("history_window must be at least 1")
+        self.history_window = history_window
+        self.idempotency_ttl = idempotency_ttl
+        self.max_unconfirmed = max(max_unconfirmed, history_window)
+        self.state_ttl = state_ttl
+        self._ttl_ms = max(0, int(state_ttl * 1000))
+        self._seed = seed
+        self.node_id = node_id
+        self._cluster_mode = is_cluster(url)
+        client_name = f"collab-{node_id}" if node_id else ""
+        self._cluster: RedisCluster | None = None
+        self._client: AnyRedis
+        if self._cluster_mode:
+            self._cluster = redis_cluster_client(
+                url, timeout=_SOCKET_TIMEOUT, client_name=client_name
+            )
+            self._client = self._cluster
+            self._db = 0
+        else:
+            single = redis_client(url, timeout=_SOCKET_TIMEOUT, client_name=client_name)
+            self._client = single
+            self._db = int(single.connection_pool.connection_kwargs.get("db") or 0)
+        self._publish_script = self._client.register_script(_PUBLISH_LUA)
+        self._ensure_script = self._client.register_script(_ENSURE_LUA)
+        self._recent_script = self._client.register_script(_RECENT_LUA)
+        self._window_script = self._client.register_script(_WINDOW_LUA)
+        self._confirm_script = self._client.register_script(_CONFIRM_LUA)
+        self._mark_script = self._client.register_script(_MARK_LUA)
+        self._unmark_script = self._client.register_script(_UNMARK_LUA)
+        self._publish_cmd = "SPUBLISH" if self._cluster_mode else "PUBLISH"
+        self._marked: dict[str, float] = {}  # durable channel -> when this node last marked it
+
+        self._handler: BrokerHandler | None = None
+        self._started = False
+        self._closed = False
+        # Single Redis: one listener. Cluster: one per master (by node name), and where each
+        # wanted channel is subscribed.
+        self._listeners: dict[str, _Listener] = {}
+        self._route: dict[str, str] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    # Keys and names ---------------------------------------------------------------------
+
+    @staticmethod
+    def _key(channel: str, suffix: str) -> str:
+        return f"{_PREFIX}{{{channel}}}:{suffix}"
+
+    def pubsub_name(self, channel: str) -> bytes:
+        return f"{_PREFIX}{{{channel}}}:ps:{self._db}".encode()
+
+    def channel_of(self, name: bytes) -> str:
+        head = len(_PREFIX) + 1
+        tail = len(f"}}:ps:{self._db}")
+        return name[head:-tail].decode()
+
+    def _unconfirmed_key(self, channel: str) -> str:
+        """One set on a single Redis. On a cluster, one per group of channels (by a hash of
+        the name), each in a slot of its own, so the ledger spreads over the shards and no
+        shard's loss takes every room's entry with it."""
+        if not self._cluster_mode:
+            return f"{_PREFIX}unconfirmed:{self._db}"
+        return self._group_key(zlib.crc32(channel.encode()) % _UNCONFIRMED_GROUPS)
+
+    def _group_key(self, group: int) -> str:
+        return f"{_PREFIX}unconfirmed:{{g{group}}}:{self._db}"
+
+    def _unconfirmed_keys(self) -> list[str]:
+        if not self._cluster_mode:
+            return [f"{_PREFIX}unconfirmed:{self._db}"]
+        return [self._group_key(group) for group in range(_UNCONFIRMED_GROUPS)]
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    async def start(self, handler: BrokerHandler) -> None:
+        """Returns after the first connection attempt; if Redis is down, the node starts
+        unhealthy and the listener keeps trying (the hub learns through on_resubscribed)."""
+        if self._started:
+            raise RuntimeError("broker already started")
+        self._started = True
+        self._handler = handler
+        if self._cluster is None:
+            client = cast(aioredis.Redis, self._client)
+            listener = _Listener(
+                lambda: cast(AbstractConnection, client.connection_pool.make_connection()),  # type: ignore[no-untyped-call]
+                self,
+            )
+            self._listeners[""] = listener
+            listener.start()
+            await listener.first_attempt.wait()
+            return
+        with contextlib.suppress(*_UNAVAILABLE, RedisClusterException):
+            await self._cluster.initialize()
+        self._watcher = asyncio.create_task(self._watch(), name="collab-redis-cluster-watcher")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        for listener in list(self._listeners.values()):
+            await listener.close()
+        self._listeners.clear()
+        self._handler = None
+        await self._client.aclose()
+
+    @property
+    def healthy(self) -> bool:
+        if self._cluster is None:
+            listener = self._listeners.get("")
+            return listener is not None and listener.healthy
+        # A cluster node is healthy while the slot map is known and every shard it listens to
+        # answers; a master in failover makes it unready until the watcher has moved on.
+        return bool(self._cluster.nodes_manager.slots_cache) and all(
+            listener.healthy for listener in self._listeners.values() if listener.wanted
+        )
+
+    # Subscriptions ----------------------------------------------------------------------
+
+    async def subscribe(self, channel: str) -> None:
+        """Returns once Redis confirms the subscription, so that a position read afterwards
+        cannot miss a publication in between.
+
+        Raises BrokerUnavailable when that cannot be confirmed (Redis down or slow). The
+        channel then still counts as subscribed: the listener subscribes it when Redis is
+        back and names it in on_resubscribed; call `unsubscribe` to give it up.
+        """
+        if self._cluster is None:
+            await self._listeners[""].subscribe(channel)
+            return
+        name = self._route.get(channel)
+        if name is None:
+            name = self._owner(channel)
+            self._route[channel] = name
+        listener = await self._listener_for(name)
+        await listener.subscribe(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        if self._cluster is None:
+            await self._listeners[""].unsubscribe(channel)
+            return
+        name = self._route.pop(channel, None)
+        if name is not None and name in self._listeners:
+            await self._listeners[name].unsubscribe(channel)
+
+    # The cluster's topology -----------------------------------------------------------------
+
+    def _owner(self, channel: str) -> str:
+        """The name (host:port) of the master that owns the channel's slot, as last known;
+        "" when the slot map is not known yet (the watcher routes it once it is)."""
+        assert self._cluster is not None
+        try:
+            node = self._cluster.get_node_from_key(self.pubsub_name(channel).decode())
+        except _NO_ROUTE:
+            return ""
+        return node.name if node is not None else ""
+
+    async def _listener_for(self, name: str) -> _Listener:
+        listener = self._listeners.get(name)
+        if listener is not None:
+            if name:
+                # Created by a concurrent call that is still connecting it: a burst of joins
+                # into a new shard's rooms waits for that first attempt too.
+                await listener.first_attempt.wait()
+            return listener
+        if not name:
+            # No slot map yet: the channel waits, wanted, in a listener that never connects
+            # until the watcher knows where it lives.
+            listener = _Listener(self._no_connection, self, sharded=True, label="Redis Cluster")
+            self._listeners[name] = listener
+            return listener
+        host, _, port = name.rpartition(":")
+        assert self._cluster is not None
+        # The cluster client's own connection settings (credentials, TLS, client name), for a
+        # connection of our own: redis-py's cluster pub/sub reconnects and resubscribes
+        # silently, and the hub must hear of every reconnect (on_resubscribed).
+        given = self._cluster.connection_kwargs
+        connection_class = given.get("connection_class", Connection)
+        kwargs = {
+            key: value
+            for key, value in given.items()
+            if key in _CONNECTION_SETTINGS or key.startswith("ssl_")
+        }
+        kwargs.update(
+            host=host,
+            port=int(port),
+            socket_timeout=_SOCKET_TIMEOUT,
+            socket_connect_timeout=_SOCKET_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+            protocol=2,
+        )
+
+        def connect() -> AbstractConnection:
+            return cast(AbstractConnection, connection_class(**kwargs))
+
+        listener = _Listener(connect, self, sharded=True, label=f"Redis Cluster {name}")
+        self._listeners[name] = listener
+        listener.start()
+        await listener.first_attempt.wait()
+        return listener
+
+    @staticmethod
+    def _no_connection() -> AbstractConnection:
+        raise RedisConnectionError("no slot map yet")
+
+    async def _watch(self) -> None:
+        """Follows the cluster's topology: while any listener is down or lost a slot (or the
+        slot map is unknown), refresh the slot map and move channels to their owners."""
+        while True:
+            await asyncio.sleep(_TOPOLOGY_CHECK)
+            if (
+                not any(
+                    (not listener.healthy and listener.wanted) or listener.lost
+                    for listener in self._listeners.values()
+                )
+                and "" not in self._listeners
+            ):
+                continue
+            try:
+                await self._reroute()
+            except Exception as exc:  # the next round tries again; a failover takes seconds
+                log.debug("Redis Cluster topology refresh failed: %s", exc)
+
+    async def _reroute(self) -> None:
+        assert self._cluster is not None
+        await self._cluster.nodes_manager.initialize()
+        moving: dict[str, list[str]] = {}
+        for name, listener in list(self._listeners.items()):
+            lost = listener.lost
+            listener.lost = set()
+            for channel in list(listener.wanted):
+                owner = self._owner(channel)
+                if owner and (owner != name or channel in lost):
+                    moving.setdefault(owner, []).append(channel)
+        moved: list[str] = []
+        for owner, channels in moving.items():
+            for channel in channels:
+                old = self._listeners.get(self._route.get(channel, ""))
+                if old is not None:
+                    await old.unsubscribe(channel)
+                self._route[channel] = owner
+            target = await self._listener_for(owner)
+            for channel in channels:
+                try:
+                    await target.subscribe(channel)
+                except BrokerUnavailable:
+                    continue  # wanted there: its listener announces it when it connects
+                moved.append(channel)
+        # Listeners of nodes that hold nothing any more (a dead master's) are closed; not one
+        # a `subscribe` has just routed a channel to and is still connecting.
+        routed = set(self._route.values())
+        for name, listener in list(self._listeners.items()):
+            if not listener.wanted and name not in routed:
+                del self._listeners[name]
+                await listener.close()
+        if moved:
+            log.info("Redis Cluster topology changed; %d channels resubscribed", len(moved))
+            self.announce(sorted(moved))
+
+    # What the listeners hand over -----------------------------------------------------------
+
+    def dispatch(self, channel: str, payload: bytes) -> None:
         handler = self._handler
-        if handler is None or channel not in self._wanted:
+        if handler is None:
             return
         try:
             newline = payload.index(b"\n")
@@ -483,12 +776,12 @@ class RedisBroker(Broker):
         except Exception:
             log.exception("broker handler failed on a message for %s", channel)
 
-    def _announce(self) -> None:
+    def announce(self, channels: list[str]) -> None:
         handler = self._handler
         if handler is None:
             return
         try:
-            handler.on_resubscribed(sorted(self._wanted))
+            handler.on_resubscribed(channels)
         except Exception:
             log.exception("broker handler failed on_resubscribed")
 
@@ -519,9 +812,15 @@ class RedisBroker(Broker):
             msg_id,
             self.history_window,
             max(1, int(self.idempotency_ttl * 1000)),
-            self._pubsub_name(channel),
+            self.pubsub_name(channel),
         ]
-        tail = ["1" if durable else "0", self.max_unconfirmed]
+        tail = [
+            "1" if durable else "0",
+            self.max_unconfirmed,
+            self._ttl_ms,
+            self._publish_cmd,
+            "1" if self._cluster_mode else "0",
+        ]
         # Without a seed a fresh epoch rides along (no extra round trip on a new channel);
         # with one, a missing meta is reported and the seed asked only then.
         start = ("", 0) if self._seed is not None else (new_epoch(), 0)
@@ -567,7 +866,10 @@ class RedisBroker(Broker):
                 raise ValueError("exclude_user may not contain a newline")
             payload = b"x" + exclude_user.encode() + b"\n" + frame
         with _unavailable():
-            await self._client.publish(self._pubsub_name(channel), payload)
+            if self._cluster is not None:
+                await self._cluster.spublish(self.pubsub_name(channel), payload)
+            else:
+                await self._client.publish(self.pubsub_name(channel), payload)
 
     async def position(self, channel: str) -> Position:
         with _unavailable():
@@ -632,7 +934,7 @@ class RedisBroker(Broker):
         self._marked[channel] = now
         try:
             with _unavailable():
-                await self._mark_script(keys=[self._unconfirmed_key], args=[channel])
+                await self._mark_script(keys=[self._unconfirmed_key(channel)], args=[channel])
         except BaseException:
             self._marked.pop(channel, None)
             raise
@@ -642,8 +944,11 @@ class RedisBroker(Broker):
 
     async def unconfirmed(self, limit: int = 10_000) -> list[str]:
         with _unavailable():
-            names = await self._client.zrange(self._unconfirmed_key, 0, limit - 1)
-        return [name.decode() for name in cast(list[bytes], names)]
+            sets = await asyncio.gather(
+                *(self._client.zrange(key, 0, limit - 1) for key in self._unconfirmed_keys())
+            )
+        names = [name.decode() for found in sets for name in cast(list[bytes], found)]
+        return names[:limit]
 
     async def storage_mark(self, channel: str) -> StorageMark | None:
         with _unavailable():
@@ -668,7 +973,9 @@ class RedisBroker(Broker):
     async def confirm_stored(self, channel: str, epoch: str, offset: int) -> StorageMark | None:
         keys = [self._key(channel, "meta"), self._key(channel, "stream")]
         with _unavailable():
-            reply = await self._confirm_script(keys=keys, args=[epoch, offset, self.history_window])
+            reply = await self._confirm_script(
+                keys=keys, args=[epoch, offset, self.history_window, self._ttl_ms]
+            )
             if not reply:
                 await self._unmark(channel)
                 return None
@@ -678,8 +985,21 @@ class RedisBroker(Broker):
         return mark
 
     async def _unmark(self, channel: str) -> None:
+        if self._cluster is None:
+            await self._unmark_script(
+                keys=[self._unconfirmed_key(channel), self._key(channel, "meta")],
+                args=[channel, _UNMARK_IDLE],
+            )
+            return
+        # On a cluster the set and the room live in different slots: read the room first.
+        # Still safe: a publish after this read re-marked the room less than _UNMARK_IDLE
+        # seconds ago (or its node marked it within _MARK_REFRESH), which the script sees.
+        top, stored = cast(
+            list[bytes | None], await self._client.hmget(self._key(channel, "meta"), ["o", "s"])
+        )
         await self._unmark_script(
-            keys=[self._unconfirmed_key, self._key(channel, "meta")], args=[channel, _UNMARK_IDLE]
+            keys=[self._unconfirmed_key(channel)],
+            args=[channel, _UNMARK_IDLE, top or b"", stored or top or b""],
         )
 
     async def claim(self, channel: str, seconds: float) -> bool:
@@ -701,5 +1021,8 @@ class RedisBroker(Broker):
     async def _ensure(self, channel: str) -> Position:
         initial = await self._initial_position(channel)
         keys = [self._key(channel, "meta"), self._key(channel, "stream")]
-        reply = await self._ensure_script(keys=keys, args=[initial.epoch, initial.offset])
+        reply = await self._ensure_script(
+            keys=keys,
+            args=[initial.epoch, initial.offset, self._ttl_ms, "1" if self._cluster_mode else "0"],
+        )
         return Position(reply[0].decode(), int(reply[1]))

@@ -1,7 +1,7 @@
 """The presence interface: who is in a room, across every node.
 
-Implementations: `presence_memory.MemoryPresence` and `presence_redis.RedisPresence`; both
-pass `tests/test_presence_shared.py`.
+Implementations: `presence_memory.MemoryPresence` and `presence_redis.RedisPresence` (a
+single Redis or a Redis Cluster); all pass `tests/test_presence_shared.py`.
 
 Contract:
 

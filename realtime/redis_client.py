@@ -14,13 +14,42 @@ same timeouts for connecting and reading.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# A Redis, or a Redis Cluster: the commands the backends use exist on both.
+AnyRedis = aioredis.Redis | RedisCluster
+
+# What "Redis cannot be reached" looks like: a lost or slow connection, and on a cluster a
+# shard without a master (failover under way), a slot in migration, or no node answering at
+# all (redis-py's RedisClusterException "cannot be connected", which is not a RedisError;
+# it also covers a command it cannot route, which our fixed key layout never sends).
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    SlotNotCoveredError,
+    TryAgainError,
+    RedisClusterException,
+)
+
+CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
 
 # Connections per pool: enough to keep Redis busy from one node, few enough for many nodes.
 MAX_CONNECTIONS = 128
@@ -40,6 +69,72 @@ def redis_client(url: str, *, timeout: float, client_name: str = "") -> aioredis
         url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT, **options
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+
+
+def is_cluster(url: str) -> bool:
+    return url.split("://", 1)[0] in CLUSTER_SCHEMES
+
+
+def cluster_seeds(url: str) -> list[tuple[str, int]]:
+    """`redis+cluster://[user:pass@]host:port[,host:port...]`: the nodes to discover from."""
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    seeds = []
+    for part in netloc.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"not host:port in a Redis Cluster URL: {part!r}")
+        seeds.append((host.strip("[]"), int(port)))
+    return seeds
+
+
+class QueuedRedisCluster(RedisCluster):
+    """A cluster client whose commands wait for a free connection, as the single-Redis pool
+    does (module docstring): redis-py's cluster keeps up to `max_connections` per node and
+    raises `MaxConnectionsError` past that. At most that many commands are in flight in all,
+    so no node's pool can run out; the rest queue, for at most `POOL_WAIT` seconds."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_flight = asyncio.Semaphore(int(kwargs.get("max_connections", MAX_CONNECTIONS)))
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            await asyncio.wait_for(self._in_flight.acquire(), POOL_WAIT)
+        except TimeoutError:
+            raise RedisConnectionError("no Redis Cluster connection free in time") from None
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._in_flight.release()
+
+
+def redis_cluster_client(url: str, *, timeout: float, client_name: str = "") -> RedisCluster:
+    """A Redis Cluster client: follows MOVED and ASK (a redirection means the command did not
+    run, so following it is no retry) and refreshes its slot map after a connection error,
+    but never runs a command twice after a connection error."""
+    parts = urlsplit(url)
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "protocol": 2,
+        "max_connections": MAX_CONNECTIONS,
+        "ssl": parts.scheme == "rediss+cluster",
+    }
+    if parts.username:
+        options["username"] = parts.username
+    if parts.password:
+        options["password"] = parts.password
+    if client_name:
+        options["client_name"] = re.sub(r"[^!-~]", "_", client_name)
+    nodes = [ClusterNode(host, port) for host, port in cluster_seeds(url)]
+    return QueuedRedisCluster(startup_nodes=nodes, **options)
+
+
+def any_redis_client(url: str, *, timeout: float, client_name: str = "") -> AnyRedis:
+    if is_cluster(url):
+        return redis_cluster_client(url, timeout=timeout, client_name=client_name)
+    return redis_client(url, timeout=timeout, client_name=client_name)
 
 
 def lua_script(name: str) -> str:

@@ -7,15 +7,15 @@ expires `ttl` after its last write, so a user nobody refreshes leaves nothing be
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from realtime.redis_client import lua_script, redis_client
+from realtime.redis_client import UNAVAILABLE, AnyRedis, any_redis_client, is_cluster, lua_script
 from realtime.user_connections import UserConnections, UserConnectionsUnavailable
 
 __all__ = ["RedisUserConnections"]
@@ -38,7 +38,7 @@ _REFRESH_LUA = lua_script("user_connections_refresh.lua")
 def _unavailable() -> Iterator[None]:
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except UNAVAILABLE as exc:
         raise UserConnectionsUnavailable(str(exc) or type(exc).__name__) from exc
 
 
@@ -49,7 +49,8 @@ def _key(user_id: str) -> str:
 class RedisUserConnections(UserConnections):
     def __init__(self, url: str, *, ttl: float = 30.0) -> None:
         self.ttl = ttl
-        self._client: aioredis.Redis = redis_client(url, timeout=_SOCKET_TIMEOUT)
+        self._client: AnyRedis = any_redis_client(url, timeout=_SOCKET_TIMEOUT)
+        self._cluster = is_cluster(url)
         self._claim = self._client.register_script(_CLAIM_LUA)
         self._refresh = self._client.register_script(_REFRESH_LUA)
 
@@ -76,7 +77,16 @@ class RedisUserConnections(UserConnections):
         users = list(by_user.items())
         with _unavailable():
             for start in range(0, len(users), _PIPELINE_USERS):
-                async with self._client.pipeline(transaction=False) as pipe:
+                if self._cluster:  # a cluster pipeline cannot carry scripts
+                    await asyncio.gather(
+                        *(
+                            self._refresh(keys=[_key(user_id)], args=[self._ttl_ms, *conn_ids])
+                            for user_id, conn_ids in users[start : start + _PIPELINE_USERS]
+                        )
+                    )
+                    continue
+                single = cast(aioredis.Redis, self._client)
+                async with single.pipeline(transaction=False) as pipe:
                     for user_id, conn_ids in users[start : start + _PIPELINE_USERS]:
                         await self._refresh(
                             keys=[_key(user_id)], args=[self._ttl_ms, *conn_ids], client=pipe

@@ -24,4 +24,7 @@ def backend_url(request: pytest.FixtureRequest) -> str:
     if kind == "redis":
         url: str = request.getfixturevalue("redis_url")
         return url
+    if kind == "redis_cluster":
+        cluster: str = request.getfixturevalue("redis_cluster_url")
+        return cluster
     raise NotImplementedError(f"no test service for backend kind {kind!r}")

@@ -29,9 +29,9 @@ def redis_broker() -> IsolatedBroker:
     )
 
 
-def rabbitmq_broker() -> IsolatedBroker:
+def rabbitmq_broker(*, quorum: bool = False) -> IsolatedBroker:
     require(RABBITMQ_URL, 5672, "RabbitMQ")
-    return IsolatedBroker.on_rabbitmq(RABBITMQ_URL, "collab.test")
+    return IsolatedBroker.on_rabbitmq(RABBITMQ_URL, "collab.test", quorum=quorum)
 
 
 BROKERS = [
@@ -62,6 +62,16 @@ def redis_celery_broker() -> Iterator[IsolatedBroker]:
 @pytest.fixture
 def rabbitmq_celery_broker() -> Iterator[IsolatedBroker]:
     broker = rabbitmq_broker()
+    try:
+        yield broker
+    finally:
+        broker.cleanup()
+
+
+@pytest.fixture
+def quorum_celery_broker() -> Iterator[IsolatedBroker]:
+    """A RabbitMQ quorum queue (COLLAB_CELERY_QUEUE_TYPE=quorum): one replica on this node."""
+    broker = rabbitmq_broker(quorum=True)
     try:
         yield broker
     finally:

@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from collab.app import create_app
 from collab.settings import Settings
 from persistence import migrate
+from tests.redis_cluster import RedisClusterProcesses
 from tests.services import MYSQL_URL, POSTGRES_URL, REDIS_URL, require
 
 pytest_plugins = ["tests.celery_brokers"]
@@ -31,6 +32,25 @@ async def redis_url() -> AsyncIterator[str]:
     finally:
         await client.flushdb()
         await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A Redis Cluster of the session's own (three masters, a replica each), stopped by PID
+    at the end. Tests keep apart by their random channel names."""
+    cluster = RedisClusterProcesses(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterProcesses) -> str:
+    """The session's Redis Cluster, emptied for the test (as `redis_url` empties its db)."""
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 # --- databases -------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ class Backend:
 
     @property
     def is_redis(self) -> bool:
-        return self.url.startswith("redis://")
+        return self.url != "memory://"  # a single Redis or a Redis Cluster
 
     def broker(
         self,
@@ -99,6 +99,7 @@ class Backend:
         idempotency_ttl: float = 86400,
         seed: PositionSeed | None = None,
         max_unconfirmed: int = 100_000,
+        state_ttl: float = 0,
     ) -> Broker:
         made: Broker
         if self.is_redis:
@@ -109,9 +110,12 @@ class Backend:
                 seed=seed,
                 node_id=f"test-{uuid.uuid4().hex[:8]}",
                 max_unconfirmed=max_unconfirmed,
+                state_ttl=state_ttl,
             )
         else:
-            made = MemoryBroker(history_window, idempotency_ttl, seed, max_unconfirmed)
+            made = MemoryBroker(
+                history_window, idempotency_ttl, seed, max_unconfirmed, state_ttl=state_ttl
+            )
         self.made.append(made)
         return made
 
@@ -122,12 +126,14 @@ class Backend:
         idempotency_ttl: float = 86400,
         seed: PositionSeed | None = None,
         max_unconfirmed: int = 100_000,
+        state_ttl: float = 0,
     ) -> Node:
         broker = self.broker(
             history_window=history_window,
             idempotency_ttl=idempotency_ttl,
             seed=seed,
             max_unconfirmed=max_unconfirmed,
+            state_ttl=state_ttl,
         )
         seen = Recorder()
         await broker.start(seen)
@@ -692,3 +698,50 @@ async def test_a_burst_beyond_any_connection_pool_is_carried_out(backend: Backen
         assert sorted(r.offset for r in published if orjson.loads(r.frame)["room"] == room[5:]) == (
             list(range(1, 51))
         )
+
+
+# --- room state expiry --------------------------------------------------------------------------
+
+STATE_TTL = 0.5
+
+
+async def gone(broker: Broker, room: str) -> bool:
+    """The room's state expired (the memory broker drops it on its next read, as Redis does)."""
+    await asyncio.sleep(STATE_TTL + 0.2)
+    return await broker.peek_position(room) is None
+
+
+async def test_idle_room_state_expires_and_comes_back_with_a_new_epoch(backend: Backend) -> None:
+    """COLLAB_ROOM_STATE_TTL: a room nobody publishes to for that long is forgotten; it comes
+    back in a new epoch at offset 1, so a client's old position cannot be recovered."""
+    node = await backend.node(state_ttl=STATE_TTL)
+    room, joined_only = channel(), channel()
+    first = [await publish(node.broker, room, i) for i in range(3)]
+    await node.broker.position(joined_only)  # created by a join, never published to
+    assert await gone(node.broker, room)
+    assert await node.broker.peek_position(joined_only) is None
+    again = await publish(node.broker, room, "back")
+    assert again.epoch != first[0].epoch and again.offset == 1
+    assert await node.broker.recent(room, Position(first[0].epoch, 3)) is None
+    assert await node.broker.last_frame(room) == again.frame
+
+
+async def test_a_room_with_unconfirmed_messages_does_not_expire(backend: Backend) -> None:
+    """The window is the reconciler's only copy of a message storage lost: a durable room
+    holding unconfirmed messages keeps its state past the TTL, and expires once confirmed."""
+    node = await backend.node(state_ttl=STATE_TTL)
+    room = channel()
+    sent = [await publish(node.broker, room, i, durable=True) for i in range(3)]
+    epoch = sent[0].epoch
+    await node.broker.confirm_stored(room, epoch, 2)  # one left unconfirmed
+    assert not await gone(node.broker, room)
+    assert await held(node.broker, room, epoch, 3) == [1, 2, 3]
+    assert room in await node.broker.unconfirmed()
+    mark = await node.broker.confirm_stored(room, epoch, 3)
+    assert mark is not None and mark.stored == 3
+    assert await gone(node.broker, room)
+    assert await node.broker.storage_mark(room) is None
+    # A publish after confirmation clears the expiry again until it is itself confirmed.
+    fresh = await publish(node.broker, room, "new", durable=True)
+    assert fresh.epoch != epoch and fresh.offset == 1
+    assert not await gone(node.broker, room)

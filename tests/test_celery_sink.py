@@ -283,3 +283,24 @@ async def test_acked_batches_outlive_a_broker_crash_and_the_sink_reconnects(
     finally:
         server.kill()
     assert queued == before + after
+
+
+def test_quorum_queues_are_rabbitmq_only() -> None:
+    """A quorum queue is a RabbitMQ queue type: asking for one on Redis is refused at start,
+    and on RabbitMQ the queue is declared as one, on a topic exchange (delayed retries)."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="COLLAB_CELERY_QUEUE_TYPE=quorum needs RabbitMQ"):
+        make_settings(
+            "sqlite+aiosqlite:///unused.db",
+            celery_broker_url="redis://127.0.0.1:6379/0",
+            celery_queue_type="quorum",
+        )
+    settings = make_settings(
+        "sqlite+aiosqlite:///unused.db",
+        celery_broker_url="amqp://guest:guest@127.0.0.1:5672//",
+        celery_queue_type="quorum",
+    )
+    (queue,) = create_celery_app(settings).conf.task_queues
+    assert queue.queue_arguments == {"x-queue-type": "quorum"}
+    assert queue.exchange.type == "topic"

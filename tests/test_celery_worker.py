@@ -322,6 +322,60 @@ async def test_worker_killed_mid_burst_loses_and_duplicates_nothing(
 ) -> None:
     """SIGKILL the whole worker while its batches are half-way into the database, in the
     middle of a 2,000-message burst; a new worker stores every acknowledged message once."""
+    await worker_killed_mid_burst_scenario(deployment)
+
+
+@pytest.mark.rabbitmq
+async def test_quorum_queue_worker_killed_mid_burst_loses_and_duplicates_nothing(
+    tmp_path: Path, postgres_database: str, quorum_celery_broker: IsolatedBroker
+) -> None:
+    """COLLAB_CELERY_QUEUE_TYPE=quorum: the queue is a quorum queue, and the same SIGKILL in
+    the middle of a burst loses and duplicates nothing (RabbitMQ gives the dead worker's
+    unacknowledged batches back as soon as its connection drops)."""
+    deployment = Deployment(tmp_path, postgres_database, quorum_celery_broker)
+    try:
+        await worker_killed_mid_burst_scenario(deployment)
+    finally:
+        deployment.stop()
+    assert queue_type(quorum_celery_broker) == "quorum"
+
+
+@pytest.mark.rabbitmq
+async def test_quorum_queue_retries_through_a_database_outage(
+    tmp_path: Path, postgres_database: str, quorum_celery_broker: IsolatedBroker
+) -> None:
+    """A batch retried with a countdown on a quorum queue (no global QoS) goes through
+    RabbitMQ's delayed-delivery exchanges and comes back: nothing is lost or doubled."""
+    deployment = Deployment(tmp_path, postgres_database, quorum_celery_broker)
+    try:
+        await database_outage_scenario(deployment)
+        assert "direct exchange" not in deployment.logs()
+    finally:
+        await set_connections_allowed(postgres_database, allowed=True)
+        deployment.stop()
+
+
+def queue_type(broker: IsolatedBroker) -> str:
+    """The queue's type, as RabbitMQ holds it: redeclaring it with another type is refused."""
+    from kombu import connection as kombu_connection
+
+    kombu: Any = kombu_connection  # kombu has no type hints
+    for candidate in ("quorum", "classic"):
+        with kombu.Connection(broker.url, connect_timeout=5) as connection:
+            try:
+                connection.default_channel.queue_declare(
+                    broker.queue,
+                    durable=True,
+                    auto_delete=False,
+                    arguments={"x-queue-type": candidate},
+                )
+            except Exception:  # PRECONDITION_FAILED: not this type
+                continue
+            return candidate
+    raise AssertionError(f"queue {broker.queue} is neither quorum nor classic")
+
+
+async def worker_killed_mid_burst_scenario(deployment: Deployment) -> None:
     first = deployment.start_worker()
     server = deployment.start_server()
     rooms = [room_name(), room_name()]

@@ -46,7 +46,7 @@ class Backend:
 
     async def presence(self, timeout: float = TIMEOUT) -> Presence:
         made: Presence
-        if self.url.startswith("redis://"):
+        if self.url != "memory://":  # a single Redis or a Redis Cluster
             made = RedisPresence(self.url, timeout=timeout)
         else:
             made = MemoryPresence(timeout=timeout, clock=self.clock)
@@ -56,13 +56,13 @@ class Backend:
 
     async def nodes(self, count: int) -> list[Presence]:
         """Presence as `count` nodes see it; in memory, one store shared by them."""
-        if self.url.startswith("redis://"):
+        if self.url != "memory://":  # a single Redis or a Redis Cluster
             return [await self.presence() for _ in range(count)]
         shared = await self.presence()
         return [shared] * count
 
     async def advance(self, seconds: float) -> None:
-        if self.url.startswith("redis://"):
+        if self.url != "memory://":  # a single Redis or a Redis Cluster
             await asyncio.sleep(seconds)
         else:
             self.clock.now += seconds

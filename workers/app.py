@@ -52,17 +52,33 @@ def transport_options(settings: Settings, *, producer: bool = False) -> dict[str
             options["socket_timeout"] = 10
     else:
         # The broker confirms each publish once it has taken the message (and, for a durable
-        # queue and a persistent message, written it): only then is a batch acknowledged.
+        # queue and a persistent message, written it; for a quorum queue, once a majority of
+        # its replicas has): only then is a batch acknowledged.
         options = {"confirm_publish": True}
     options.update(settings.celery_broker_transport_options)
     return options
 
 
-def durable_queue(name: str) -> Any:
-    """A durable queue bound to a durable direct exchange of the same name."""
+def durable_queue(name: str, queue_type: str = "classic") -> Any:
+    """A durable queue bound to a durable exchange of the same name.
+
+    A classic queue hangs off a direct exchange. A quorum queue hangs off a topic exchange:
+    a quorum queue has no global QoS, so a worker cannot hold a delayed retry (a countdown)
+    while taking more work; Celery then routes the retry through RabbitMQ's native delayed
+    delivery exchanges instead, which can only reach a queue bound to a topic (or fanout)
+    exchange. With a direct exchange the retry would sit in the worker until it is due.
+    """
     from kombu import entity
 
     kombu: Any = entity  # kombu's constructors carry no annotations
+    if queue_type == "quorum":
+        return kombu.Queue(
+            name,
+            kombu.Exchange(name, type="topic", durable=True),
+            routing_key=name,
+            durable=True,
+            queue_arguments={"x-queue-type": "quorum"},
+        )
     return kombu.Queue(
         name, kombu.Exchange(name, type="direct", durable=True), routing_key=name, durable=True
     )
@@ -85,8 +101,9 @@ def celery_config(settings: Settings, *, producer: bool = False) -> dict[str, An
         "accept_content": ["json"],
         # A durable queue and persistent messages: RabbitMQ keeps queued batches across a
         # restart (Redis keeps them as far as its own persistence settings do).
-        "task_queues": [durable_queue(queue)],
+        "task_queues": [durable_queue(queue, settings.celery_queue_type)],
         "task_default_queue": queue,
+        "task_default_queue_type": settings.celery_queue_type,
         "task_routes": {STORE_BATCH_TASK: {"queue": queue}},
         "task_default_delivery_mode": "persistent",
         "task_create_missing_queues": False,

@@ -12,5 +12,11 @@ if m[1] == ARGV[1] then
   if keep > 1 then
     redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', keep) .. '-0')
   end
+  -- Everything is stored: the room's state may now expire when idle (ARGV[4] ms, 0: never).
+  local ttl = tonumber(ARGV[4])
+  if ttl > 0 and stored >= top then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
 end
 return {m[1], m[2], string.format('%d', stored)}

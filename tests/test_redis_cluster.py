@@ -1,0 +1,341 @@
+"""What only a Redis Cluster can show (the shared suites run the contract on it already):
+rooms spread over every shard, one sharded subscription per room per node on the shard that
+owns it and none left behind, and a master SIGKILLed under a busy room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from realtime.broker import Broker, BrokerUnavailable, Publication, PublishResult
+from realtime.broker_redis import RedisBroker
+from realtime.types import new_msg_id
+from tests.redis_cluster import RedisClusterProcesses
+
+pytestmark = pytest.mark.redis_cluster
+
+
+class Seen:
+    """A BrokerHandler that remembers publications and resubscriptions."""
+
+    def __init__(self) -> None:
+        self.publications: list[Publication] = []
+        self.resubscribed: list[str] = []
+
+    def on_publication(self, publication: Publication) -> None:
+        self.publications.append(publication)
+
+    def on_event(self, channel: str, frame: bytes, exclude_user: str | None) -> None:
+        pass
+
+    def on_presence(self, channel: str, frame: bytes) -> None:
+        pass
+
+    def on_resubscribed(self, channels: list[str]) -> None:
+        self.resubscribed.extend(channels)
+
+    def offsets(self, channel: str) -> list[int]:
+        return [p.offset for p in self.publications if p.channel == channel]
+
+
+async def eventually(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def publish(broker: Broker, room: str, n: int) -> PublishResult:
+    msg_id = new_msg_id()
+    return await broker.publish(
+        room,
+        kind="message",
+        name_key="room",
+        msg_id=msg_id,
+        fields=orjson.dumps({"msg_id": msg_id, "n": n}),
+        durable=True,
+    )
+
+
+def pubsub_key(room: str) -> str:
+    return f"collab:{{{room}}}:ps:0"
+
+
+def shard_subscriptions(port: int, room: str) -> int:
+    """How many connections of that master are subscribed to the room's shard channel."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+    try:
+        reply = client.execute_command("PUBSUB", "SHARDNUMSUB", pubsub_key(room))
+        return int(reply[1])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def nodes(redis_cluster_url: str) -> AsyncIterator[list[tuple[RedisBroker, Seen]]]:
+    made: list[tuple[RedisBroker, Seen]] = []
+    for i in range(2):
+        broker = RedisBroker(redis_cluster_url, node_id=f"node-{i}")
+        seen = Seen()
+        await broker.start(seen)
+        made.append((broker, seen))
+    yield made
+    for broker, _ in made:
+        await broker.close()
+
+
+def rooms_on_every_shard(cluster: RedisClusterProcesses) -> dict[int, str]:
+    """A room per master: room names drawn until every master owns one."""
+    found: dict[int, str] = {}
+    masters = {cluster.master_of(pubsub_key(f"room:probe{i}")) for i in range(64)}
+    while len(found) < len(masters):
+        room = f"room:c{uuid.uuid4().hex[:8]}"
+        found.setdefault(cluster.master_of(pubsub_key(room)), room)
+    return found
+
+
+async def test_rooms_on_every_shard_reach_both_nodes_in_order_with_one_subscription_each(
+    redis_cluster: RedisClusterProcesses, nodes: list[tuple[RedisBroker, Seen]]
+) -> None:
+    (first, first_seen), (second, second_seen) = nodes
+    by_master = rooms_on_every_shard(redis_cluster)
+    assert len(by_master) == 3
+    for room in by_master.values():
+        await first.subscribe(room)
+        await second.subscribe(room)
+        await second.subscribe(room)  # the hub may ask twice; still one subscription
+    for port, room in by_master.items():
+        assert shard_subscriptions(port, room) == 2  # one per node, on the owning shard
+
+    # Both nodes publish at once into every room; each sees every room's offsets in order.
+    async def burst(broker: RedisBroker, start: int) -> None:
+        for n in range(start, start + 25):
+            await asyncio.gather(*(publish(broker, room, n) for room in by_master.values()))
+
+    await asyncio.gather(burst(first, 0), burst(second, 100))
+    for room in by_master.values():
+        for seen in (first_seen, second_seen):
+            await eventually(lambda s=seen, r=room: len(s.offsets(r)) == 50, 5, "deliveries")
+            assert seen.offsets(room) == list(range(1, 51))
+
+    # Join/leave cycles leave no subscription behind, on any shard.
+    room = next(iter(by_master.values()))
+    for _ in range(1000):
+        await second.subscribe(room)
+        await second.unsubscribe(room)
+    await second.subscribe(room)
+    assert shard_subscriptions(redis_cluster.master_of(pubsub_key(room)), room) == 2
+    for port, each in by_master.items():
+        await first.unsubscribe(each)
+        await second.unsubscribe(each)
+        await eventually(lambda p=port, r=each: shard_subscriptions(p, r) == 0, 5, "unsubscribed")
+    assert await first.unconfirmed() != []  # the ledger (16 slot groups) names the rooms
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[RedisClusterProcesses]:
+    cluster = RedisClusterProcesses(tmp_path)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_killed_master_fails_over_to_a_new_epoch_and_the_room_works_again(
+    own_cluster: RedisClusterProcesses,
+) -> None:
+    """SIGKILL the master of a busy room's shard. Publishes during the switch answer
+    `unavailable` (nothing else); within the failover time the room takes publishes again,
+    in a new epoch from offset 1 (the promoted replica may lack acknowledged writes, so no
+    offset is ever handed out twice), and the subscribed node resubscribes and gets them."""
+    publisher, subscriber = RedisBroker(own_cluster.url), RedisBroker(own_cluster.url)
+    seen = Seen()
+    await publisher.start(Seen())
+    await subscriber.start(seen)
+    try:
+        room = f"room:f{uuid.uuid4().hex[:8]}"
+        await subscriber.subscribe(room)
+        before = [await publish(publisher, room, n) for n in range(20)]
+        await eventually(lambda: len(seen.offsets(room)) == 20, 5, "deliveries before")
+
+        own_cluster.kill(own_cluster.master_of(pubsub_key(room)))
+        killed = time.monotonic()
+        refused = 0
+        after: PublishResult | None = None
+        while after is None:
+            assert time.monotonic() - killed < 30, "no failover within 30 s"
+            try:
+                after = await publish(publisher, room, 1000)
+            except BrokerUnavailable:
+                refused += 1
+                await asyncio.sleep(0.1)
+        took = time.monotonic() - killed
+        print(f"failover: publishes again after {took:.1f}s, {refused} refused meanwhile")
+        assert refused > 0
+        assert after.epoch != before[0].epoch and after.offset == 1
+
+        await eventually(lambda: room in seen.resubscribed, 15, "the subscriber resubscribed")
+        await eventually(lambda: subscriber.healthy, 15, "the subscriber healthy again")
+        more = [await publish(publisher, room, n) for n in range(3)]
+        assert [r.offset for r in more] == [2, 3, 4]
+        await eventually(
+            lambda: (
+                [p.offset for p in seen.publications if p.epoch == after.epoch][-3:] == [2, 3, 4]
+            ),
+            10,
+            "deliveries after the failover",
+        )
+    finally:
+        await publisher.close()
+        await subscriber.close()
+
+
+async def test_two_hub_nodes_on_the_cluster_share_rooms_and_presence(
+    redis_cluster_url: str, tmp_path: Path, sqlite_template: Path
+) -> None:
+    """Two `collab serve` processes on the Redis Cluster (COLLAB_BROKER_URL=redis+cluster://):
+    in rooms on different shards, members on both nodes get every message of both nodes'
+    publishers in one offset order, each sees the other node's member present, and a member
+    who switches node recovers exactly what he missed."""
+    from tests.test_cluster_e2e import join_on, presence_of, start_nodes, stop_nodes
+    from tests.wsclient import Client, Frame, guest
+
+    nodes = start_nodes(tmp_path, sqlite_template, redis_cluster_url, ["a", "b"])
+    try:
+        rooms = [f"rc-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+        (ann_token, ann_id), (bob_token, bob_id) = (
+            guest(nodes[0].url, "ann"),
+            guest(nodes[1].url, "bob"),
+        )
+        for room in rooms:
+            ann, _ = await join_on(nodes[0], ann_token, room)
+            bob, _ = await join_on(nodes[1], bob_token, room)
+
+            async def send(client: Client, room: str = room) -> list[Frame]:
+                # One reader per WebSocket: each client's requests one after another.
+                return [
+                    await client.request({"type": "publish", "room": room, "body": {"n": n}})
+                    for n in range(10)
+                ]
+
+            acks = [ack for per in await asyncio.gather(send(ann), send(bob)) for ack in per]
+            assert sorted(a["offset"] for a in acks) == list(range(1, 21))
+            for member in (ann, bob):
+                got = await member.messages(room, 20, timeout=10)
+                assert [m["offset"] for m in got] == list(range(1, 21))
+                assert {m["msg_id"] for m in got} == {a["msg_id"] for a in acks}
+            assert await presence_of(ann, room) == {ann_id: 1, bob_id: 1}
+            # Bob switches node while ann keeps writing: his recovery on node a has exactly
+            # what he missed, from the window on the room's shard.
+            epoch = got[-1]["epoch"]
+            await bob.close()
+            missed = [
+                await ann.request({"type": "publish", "room": room, "body": {"m": n}})
+                for n in range(3)
+            ]
+            bob, joined = await join_on(
+                nodes[0], bob_token, room, since={"epoch": epoch, "offset": 20}
+            )
+            assert joined["recovered"] is True
+            assert [m["msg_id"] for m in joined["missed"]] == [a["msg_id"] for a in missed]
+            await ann.close()
+            await bob.close()
+    finally:
+        stop_nodes(nodes)
+
+
+async def test_a_cluster_nobody_answers_means_unavailable_everywhere() -> None:
+    """No seed answers: the broker starts unhealthy and every call raises BrokerUnavailable
+    (the node answers `unavailable`), as on a single Redis; presence says so too."""
+    from realtime.presence import PresenceUnavailable
+    from realtime.presence_redis import RedisPresence
+    from realtime.types import Position, UserInfo
+    from tests.redis_cluster import free_cluster_ports
+
+    ports = free_cluster_ports(2)
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    broker, presence = RedisBroker(url), RedisPresence(url)
+    try:
+        await broker.start(Seen())
+        await presence.start()
+        assert not broker.healthy
+        room = "room:nobody"
+        for call in (
+            lambda: publish(broker, room, 1),
+            lambda: broker.publish_event(room, b"{}"),
+            lambda: broker.position(room),
+            lambda: broker.recent(room, Position("abcdef01", 0)),
+            lambda: broker.unconfirmed(),
+            lambda: broker.subscribe(room),
+        ):
+            with pytest.raises(BrokerUnavailable):
+                await call()
+        with pytest.raises(PresenceUnavailable):
+            await presence.add(room, "c1", UserInfo("1", "ann"), "n1")
+    finally:
+        await broker.close()
+        await presence.close()
+
+
+async def test_clients_through_a_master_failover_get_every_ack_or_recovered_false(
+    own_cluster: RedisClusterProcesses, tmp_path: Path, sqlite_template: Path
+) -> None:
+    """Two hub nodes on a cluster whose master of a busy room is SIGKILLed: publishes during
+    the switch answer `unavailable`; then the room works again in a new epoch; its members are
+    told to reconnect (1011) and their recovery says `recovered: false`; the database holds
+    every acknowledged message once."""
+    from tests.test_cluster_e2e import join_on, start_nodes, stop_nodes, stored_msg_ids
+    from tests.wsclient import guest
+
+    a, b = start_nodes(tmp_path, sqlite_template, own_cluster.url, ["fa", "fb"])
+    try:
+        room = f"rf-{uuid.uuid4().hex[:8]}"
+        ann_token, _ = guest(a.url, "ann")
+        bob_token, _ = guest(b.url, "bob")
+        ann, joined = await join_on(a, ann_token, room)
+        bob, _ = await join_on(b, bob_token, room)
+        epoch = joined["epoch"]
+        acked: list[str] = []
+
+        async def send(n: int) -> str:
+            reply = await ann.request({"type": "publish", "room": room, "body": {"n": n}})
+            if reply["type"] == "ack":
+                acked.append(reply["msg_id"])
+                return "ack"
+            assert reply["type"] == "error" and reply["code"] == "unavailable", reply
+            return "unavailable"
+
+        for n in range(5):
+            assert await send(n) == "ack"
+        assert [m["offset"] for m in await bob.messages(room, 5)] == [1, 2, 3, 4, 5]
+
+        own_cluster.kill(own_cluster.master_of(f"collab:{{room:{room}}}:meta"))
+        outcomes: list[str] = []
+        deadline = time.monotonic() + 30
+        while not outcomes or outcomes[-1] != "ack":
+            assert time.monotonic() < deadline, f"no ack within 30 s: {outcomes[-5:]}"
+            outcomes.append(await send(100 + len(outcomes)))
+            await asyncio.sleep(0.05)
+        assert "unavailable" in outcomes
+
+        # The new epoch voids every position: both members are told to reconnect and recover.
+        assert await bob.closed_with(timeout=15) == 1011
+        since = {"epoch": epoch, "offset": 5}
+        bob, rejoined = await join_on(a, bob_token, room, since=since)
+        assert rejoined["recovered"] is False and rejoined["epoch"] != epoch
+        assert rejoined["offset"] == 1  # the first ack after the switch, offset 1 again
+
+        stored = stored_msg_ids(tmp_path / "cluster.db", room)
+        assert set(acked) == stored and len(acked) == 6
+    finally:
+        stop_nodes([a, b])
