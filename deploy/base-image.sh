@@ -6,7 +6,9 @@
 # With a registry at hand, skip this: the Dockerfile's default base is python:3.11-slim.
 set -euo pipefail
 image="${1:-localhost/collab-base:bookworm}"
-podman_() { podman --runtime runc --cgroup-manager cgroupfs "$@"; }
+# The podman command and its global flags (deploy/stack.sh passes its own COLLAB_PODMAN on).
+read -r -a podman_cmd <<<"${COLLAB_PODMAN:-podman --runtime runc --cgroup-manager cgroupfs}"
+podman_() { "${podman_cmd[@]}" "$@"; }
 
 if podman_ image exists "$image"; then
   echo "base-image: $image exists"
