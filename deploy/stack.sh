@@ -6,6 +6,7 @@
 #   deploy/stack.sh status          each container's state and health
 #   deploy/stack.sh renew [--force] `certbot renew`; on a new certificate NGINX reloads
 #   deploy/stack.sh rolling-restart restart the hub nodes one after the other, under traffic
+#   deploy/stack.sh upgrade         rebuild the image, migrate, roll the hubs, then the worker
 #   deploy/stack.sh logs NAME       one container's log (postgres, redis, hub1, worker, nginx...)
 #
 # The stack: PostgreSQL, Redis, `collab migrate` (once, before the hubs), two hub nodes, a Celery
@@ -337,13 +338,27 @@ rolling_restart() {
   for i in "${!hub_ports[@]}"; do
     hub="$name-hub$((i + 1))"
     # SIGTERM: the node closes every WebSocket with 1001 ("reconnect and recover") and NGINX
-    # sends the reconnections to the nodes still up; then it comes back and is checked
-    # healthy before the next one goes.
+    # sends the reconnections to the nodes still up. The container is made again from the
+    # current image (an upgrade, or the same image) and checked healthy before the next goes.
     log "restarting $hub"
-    podman_ stop --time 20 "$hub" >/dev/null
-    podman_ start "$hub" >/dev/null
+    podman_ rm --force --time 20 "$hub" >/dev/null
+    start_hub "$i"
     wait_healthy "$hub" 60
   done
+}
+
+upgrade() {
+  # A new release without downtime: build the image, migrate (the schema must suit the old
+  # release and the new one, as every migration here does), roll the hubs, then the worker
+  # (it stops warm: the batches it holds go back to the broker and are stored once).
+  secrets
+  collab_env
+  COLLAB_STACK_BUILD=always images
+  migrate
+  rolling_restart
+  podman_ rm --force --time 60 "$name-worker" >/dev/null
+  start_worker
+  wait_healthy "$name-worker" 90
 }
 
 status() {
@@ -365,6 +380,7 @@ case "${1:-}" in
   renew) secrets >/dev/null; renew "${2:-}" ;;
   install-cert) install_cert ;;
   rolling-restart) rolling_restart ;;
+  upgrade) upgrade ;;
   logs) podman_ logs "$name-${2:?which container}" ;;
-  *) sed -n '2,9p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,10p' "$0" >&2; exit 2 ;;
 esac
