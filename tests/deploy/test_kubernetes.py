@@ -11,7 +11,7 @@ import yaml
 
 from tests.deploy.tools import DEPLOY, require_program
 
-pytestmark = [pytest.mark.deploy]
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
 MANIFESTS = DEPLOY / "kubernetes"
 RESOURCES = sorted(p for p in MANIFESTS.glob("*.yaml") if p.name != "kustomization.yaml")
