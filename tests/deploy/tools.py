@@ -17,7 +17,6 @@ from tests.services import IN_CI
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 BASE_IMAGE = "localhost/collab-base:bookworm"
-TEST_IMAGE = "localhost/collab:test"
 # What this machine's podman needs (issue 11): crun refuses its hybrid cgroups, and the default
 # ulimits cannot be raised here.
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
@@ -48,7 +47,7 @@ def podman(
     return result
 
 
-def build_image(tag: str = TEST_IMAGE) -> str:
+def build_image(tag: str) -> str:
     """Build deploy/Dockerfile from the local base (made first if this machine has none)."""
     require_program("podman")
     require_program("runc")
