@@ -59,7 +59,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
     http_port, https_port = free_port(), free_port()
     site = string.Template((DEPLOY / "nginx" / "collab.conf.template").read_text())
     rendered = site.safe_substitute(
-        COLLAB_UPSTREAMS=" ".join(f"server 127.0.0.1:{n.port};" for n in nodes),
+        COLLAB_UPSTREAMS=" ".join(f"server 127.0.0.1:{n.port} max_fails=0;" for n in nodes),
         NGINX_SERVER_NAME="localhost",
         NGINX_HTTP_PORT=str(http_port),
         NGINX_HTTPS_PORT=str(https_port),
@@ -67,6 +67,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         NGINX_KEY=str(key),
         NGINX_ACCESS_LOG=str(folder / "access.log"),
         NGINX_WS_CONNECTIONS_PER_ADDRESS="100",
+        NGINX_ACME_ROOT=str(folder / "acme"),
     )
     (folder / "collab.conf").write_text(rendered)
     (folder / "nginx.conf").write_text(

@@ -1,0 +1,1 @@
+"""Deployment tests: the image, the stack, certificates and Kubernetes manifests (slow)."""
