@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.ratelimit import AddressLimiter, LoginFailureLimiter
 from api.security import HashingPool, InvalidToken, decode_access_token
+from api.services import GuestBatcher
 from api.tickets import TicketStore
 from persistence.database import SessionFactory
 from persistence.models import Role, User
@@ -62,6 +63,8 @@ class ApiContext:
     login_limiter: LoginFailureLimiter | None = None
     tickets: TicketStore | None = None
     hashing: HashingPool | None = None
+    # Guest sign-ins written in batches (`POST /auth/guest`); unset: one transaction each.
+    guests: GuestBatcher | None = None
     # Realtime services the REST layer uses (presence, feed publishing); set by `collab`.
     realtime: Realtime | None = None
 

@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from api import ROUTERS, ApiConfig, ApiContext
 from api.ratelimit import LoginFailureLimiter
 from api.security import HashingPool
+from api.services import GuestBatcher
 from api.tickets import ticket_store
 from collab.metrics import NodeCollector
 from collab.realtime_wiring import build_node, close_with_1001_on_exit, token_authenticator
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             login_limiter=LoginFailureLimiter(settings.login_failure_limit, settings.broker_url),
             tickets=ticket_store(settings.broker_url, settings.ws_ticket_seconds),
             hashing=HashingPool(settings.password_hash_concurrency, settings.password_hash_queue),
+            guests=GuestBatcher(sessions),
         )
         log.info("collab node %s ready (%s)", settings.node_id, settings.env)
         try:
