@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
 
 from api import ROUTERS, ApiConfig, ApiContext
+from api.accounts import AccountCache
 from api.ratelimit import LoginFailureLimiter
 from api.security import HashingPool
 from api.services import GuestBatcher
@@ -57,6 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return True
 
         node = build_node(settings, sessions)
+        accounts = AccountCache(settings.account_cache_seconds)
+        # Deleted, or its password or role changed, on any node: stop trusting the memory.
+        node.user_listeners.append(lambda user_id: _forget(accounts, user_id))
         await node.start()
         app.state.node = node
 
@@ -90,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             tickets=ticket_store(settings.broker_url, settings.ws_ticket_seconds),
             hashing=HashingPool(settings.password_hash_concurrency, settings.password_hash_queue),
             guests=GuestBatcher(sessions),
+            accounts=accounts,
         )
         log.info("collab node %s ready (%s)", settings.node_id, settings.env)
         try:
@@ -142,6 +147,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for path, page in (("/", "index.html"), ("/chat", "chat.html"), ("/live", "live.html")):
         app.add_api_route(path, _page(page), include_in_schema=False, methods=["GET"])
     return app
+
+
+def _forget(accounts: AccountCache, user_id: str) -> None:
+    if user_id.isdigit():
+        accounts.forget(int(user_id))
 
 
 # Long enough for a crowd's queue to move on, short enough that a retry soon gets in.

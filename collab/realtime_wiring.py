@@ -12,7 +12,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, assert_never
 
-from api.deps import ApiContext, token_holder
+from api.accounts import Account
+from api.deps import ApiContext
 from api.routes.items import ITEMS_FEED
 from api.schemas import ItemOut
 from api.security import InvalidToken, decode_access_token
@@ -20,7 +21,7 @@ from collab.settings import Settings
 from persistence.database import SessionFactory
 from persistence.history import DatabaseHistory, DatabaseRoomAccess
 from persistence.ledger import DatabaseLedger
-from persistence.repositories import ItemRepository
+from persistence.repositories import ItemRepository, UserRepository
 from persistence.sink import DatabaseSink
 from realtime.backends import backend_kind
 from realtime.broker import Broker
@@ -174,12 +175,23 @@ def token_authenticator(secret: str, api: Callable[[], ApiContext]) -> Authentic
             except InvalidToken:
                 return None
             user_id, version, expires_at = claims.user_id, claims.version, claims.expires_at
-        async with context.sessions() as session:
-            user = await token_holder(session, user_id, version)
-        if user is None:
+
+        async def load() -> Account | None:
+            async with context.sessions() as session:
+                user = await UserRepository(session).get(user_id)
+                if user is None:
+                    return None
+                return Account(user.id, user.token_version, user.display_name, user.role)
+
+        if context.accounts is not None:
+            account = await context.accounts.holder(user_id, version, load)
+        else:
+            account = await load()
+            account = account if account is not None and account.version == version else None
+        if account is None:
             return None
         return UserInfo(
-            id=str(user.id), name=user.display_name, role=user.role, expires_at=expires_at
+            id=str(account.id), name=account.name, role=account.role, expires_at=expires_at
         )
 
     return authenticate
