@@ -16,7 +16,7 @@ from api.accounts import Account
 from api.deps import ApiContext
 from api.routes.items import ITEMS_FEED
 from api.schemas import ItemOut
-from api.security import InvalidToken, decode_access_token
+from api.security import InvalidToken, VerifiedTokens
 from collab.settings import Settings
 from persistence.database import SessionFactory
 from persistence.history import DatabaseHistory, DatabaseRoomAccess
@@ -159,6 +159,7 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
 def token_authenticator(secret: str, api: Callable[[], ApiContext]) -> Authenticator:
     """Tickets and tokens, checked as the REST API checks them: the account must still
     exist with the token version the credential was issued under."""
+    tokens = VerifiedTokens(secret)
 
     async def authenticate(credential: Credential) -> UserInfo | None:
         context = api()
@@ -171,7 +172,7 @@ def token_authenticator(secret: str, api: Callable[[], ApiContext]) -> Authentic
             user_id, version, expires_at = holder.user_id, holder.version, holder.expires_at
         else:
             try:
-                claims = decode_access_token(secret, credential.value)
+                claims = tokens.decode(credential.value)
             except InvalidToken:
                 return None
             user_id, version, expires_at = claims.user_id, claims.version, claims.expires_at

@@ -7,6 +7,7 @@ The lifetime is set to an hour here, so only forgetting can explain a refusal.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from api.accounts import Account, AccountCache
+from api.security import InvalidToken, VerifiedTokens, create_access_token
 from tests.security.common import bearer, register_and_login, running_server, ws_outcome
 from tests.services import require
 from tests.test_cluster_e2e import forget_run_keys, redis_db_url, start_nodes, stop_nodes
@@ -113,3 +115,23 @@ async def test_a_lookup_under_way_when_the_account_is_forgotten_stores_nothing()
 
     assert await cache.holder(2, 1, load_deleted) is None  # nothing was stored
     assert reads == [1]
+
+
+def test_a_verified_token_is_trusted_again_only_until_it_expires() -> None:
+    secret = "s" * 40
+    now = [time.time()]
+    tokens = VerifiedTokens(secret, max_entries=2, clock=lambda: now[0])
+
+    def token(key: str = secret) -> str:
+        return create_access_token(key, user_id=1, name="a", role="user", version=1, minutes=1)
+
+    good = token()
+    assert tokens.decode(good).user_id == 1
+    assert tokens.decode(good).user_id == 1  # from memory
+    with pytest.raises(InvalidToken):  # another key's signature is checked, not remembered
+        tokens.decode(token("t" * 40))
+    with pytest.raises(InvalidToken):
+        tokens.decode(good[:-2] + ("A" if good[-2] != "A" else "B") + good[-1])
+    now[0] += 61  # past its expiry: remembered, but refused
+    with pytest.raises(InvalidToken):
+        tokens.decode(good)
