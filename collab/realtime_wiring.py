@@ -12,20 +12,22 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, assert_never
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from api.accounts import Account
 from api.deps import ApiContext
 from api.routes.items import ITEMS_FEED
 from api.schemas import ItemOut
 from api.security import InvalidToken, VerifiedTokens
 from collab.settings import Settings
-from persistence.database import SessionFactory
+from persistence.database import SessionFactory, is_busy
 from persistence.history import DatabaseHistory, DatabaseRoomAccess
 from persistence.ledger import DatabaseLedger
 from persistence.repositories import ItemRepository, UserRepository
 from persistence.sink import DatabaseSink
 from realtime.backends import backend_kind
 from realtime.broker import Broker
-from realtime.endpoints import Authenticator, Credential
+from realtime.endpoints import Authenticator, Credential, CredentialStoreBusy
 from realtime.node import ROOM, Node, NodeLimits, presence_entry_ttl
 from realtime.presence import Presence
 from realtime.protocol import CloseCode
@@ -178,11 +180,16 @@ def token_authenticator(secret: str, api: Callable[[], ApiContext]) -> Authentic
             user_id, version, expires_at = claims.user_id, claims.version, claims.expires_at
 
         async def load() -> Account | None:
-            async with context.sessions() as session:
-                user = await UserRepository(session).get(user_id)
-                if user is None:
-                    return None
-                return Account(user.id, user.token_version, user.display_name, user.role)
+            try:
+                async with context.sessions() as session:
+                    user = await UserRepository(session).get(user_id)
+            except SQLAlchemyError as error:
+                if is_busy(error):  # overload (the pool's wait): 1013, not 1011
+                    raise CredentialStoreBusy(str(error)) from error
+                raise
+            if user is None:
+                return None
+            return Account(user.id, user.token_version, user.display_name, user.role)
 
         if context.accounts is not None:
             account = await context.accounts.holder(user_id, version, load)
