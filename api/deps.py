@@ -10,8 +10,10 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.accounts import AccountCache
 from api.ratelimit import AddressLimiter, LoginFailureLimiter
 from api.security import HashingPool, InvalidToken, decode_access_token
+from api.services import GuestBatcher
 from api.tickets import TicketStore
 from persistence.database import SessionFactory
 from persistence.models import Role, User
@@ -71,6 +73,10 @@ class ApiContext:
     login_limiter: LoginFailureLimiter | None = None
     tickets: TicketStore | None = None
     hashing: HashingPool | None = None
+    # Guest sign-ins written in batches (`POST /auth/guest`); unset: one transaction each.
+    guests: GuestBatcher | None = None
+    # Accounts behind WebSocket credentials, remembered briefly (`api.accounts`).
+    accounts: AccountCache | None = None
     # Realtime services the REST layer uses (presence, feed publishing); set by `collab`.
     realtime: Realtime | None = None
 

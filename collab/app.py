@@ -14,21 +14,24 @@ from pathlib import Path
 
 import anyio.to_thread
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
 
 from api import ROUTERS, ApiConfig, ApiContext
+from api.accounts import AccountCache
 from api.ratelimit import LoginFailureLimiter
 from api.security import HashingPool
+from api.services import GuestBatcher
 from api.tickets import ticket_store
 from collab.metrics import NodeCollector
 from collab.realtime_wiring import build_node, close_with_1001_on_exit, token_authenticator
 from collab.settings import Settings
 from persistence import migrate
-from persistence.database import create_engine, create_session_factory
+from persistence.database import create_engine, create_session_factory, is_busy
 from persistence.history import DatabaseHistory
 from realtime.endpoints import WebSocketEndpoint
 from realtime.node import Node
@@ -48,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.should_auto_migrate:
             # Alembic runs its own event loop, so it gets a thread of its own.
             await anyio.to_thread.run_sync(migrate.upgrade, settings.database_url)
-        engine = create_engine(settings.database_url)
+        engine = create_engine(settings.database_url, busy_timeout=settings.database_busy_timeout)
         sessions = create_session_factory(engine)
 
         async def database_ready() -> bool:
@@ -57,6 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return True
 
         node = build_node(settings, sessions)
+        accounts = AccountCache(settings.account_cache_seconds)
+        # Deleted, or its password or role changed, on any node: stop trusting the memory.
+        node.user_listeners.append(lambda user_id: _forget(accounts, user_id))
         await node.start()
         app.state.node = node
 
@@ -89,6 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             login_limiter=LoginFailureLimiter(settings.login_failure_limit, settings.broker_url),
             tickets=ticket_store(settings.broker_url, settings.ws_ticket_seconds),
             hashing=HashingPool(settings.password_hash_concurrency, settings.password_hash_queue),
+            guests=GuestBatcher(sessions),
+            accounts=accounts,
         )
         log.info("collab node %s ready (%s)", settings.node_id, settings.env)
         try:
@@ -116,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = registry
     for router in ROUTERS:
         app.include_router(router)
+    app.add_exception_handler(SQLAlchemyError, database_busy_is_503)
 
     def node() -> Node:
         current: Node = app.state.node
@@ -146,6 +155,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for path, page in (("/", "index.html"), ("/chat", "chat.html"), ("/live", "live.html")):
         app.add_api_route(path, _page(page), include_in_schema=False, methods=["GET"])
     return app
+
+
+def _forget(accounts: AccountCache, user_id: str) -> None:
+    if user_id.isdigit():
+        accounts.forget(int(user_id))
+
+
+# Long enough for a crowd's queue to move on, short enough that a retry soon gets in.
+BUSY_RETRY_AFTER_SECONDS = 1
+
+
+async def database_busy_is_503(_request: Request, error: Exception) -> Response:
+    """A database that is contended or overloaded (its write lock, its pool) is not a fault:
+    503 with Retry-After, never 500. Any other database error stays a 500."""
+    if not is_busy(error):
+        raise error
+    log.warning("database busy, answered 503: %s", error)
+    return JSONResponse(
+        {"detail": "The server is busy; try again shortly"},
+        status_code=503,
+        headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)},
+    )
 
 
 def _page(name: str) -> Callable[[], Awaitable[FileResponse]]:

@@ -12,19 +12,22 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, assert_never
 
-from api.deps import ApiContext, token_holder
+from sqlalchemy.exc import SQLAlchemyError
+
+from api.accounts import Account
+from api.deps import ApiContext
 from api.routes.items import ITEMS_FEED
 from api.schemas import ItemOut
-from api.security import InvalidToken, decode_access_token
+from api.security import InvalidToken, VerifiedTokens
 from collab.settings import Settings
-from persistence.database import SessionFactory
+from persistence.database import SessionFactory, is_busy
 from persistence.history import DatabaseHistory, DatabaseRoomAccess
 from persistence.ledger import DatabaseLedger
-from persistence.repositories import ItemRepository
+from persistence.repositories import ItemRepository, UserRepository
 from persistence.sink import DatabaseSink
 from realtime.backends import backend_kind
 from realtime.broker import Broker
-from realtime.endpoints import Authenticator, Credential
+from realtime.endpoints import Authenticator, Credential, CredentialStoreBusy
 from realtime.node import ROOM, Node, NodeLimits, presence_entry_ttl
 from realtime.presence import Presence
 from realtime.protocol import CloseCode
@@ -162,6 +165,7 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
 def token_authenticator(secret: str, api: Callable[[], ApiContext]) -> Authenticator:
     """Tickets and tokens, checked as the REST API checks them: the account must still
     exist with the token version the credential was issued under."""
+    tokens = VerifiedTokens(secret)
 
     async def authenticate(credential: Credential) -> UserInfo | None:
         context = api()
@@ -174,16 +178,32 @@ def token_authenticator(secret: str, api: Callable[[], ApiContext]) -> Authentic
             user_id, version, expires_at = holder.user_id, holder.version, holder.expires_at
         else:
             try:
-                claims = decode_access_token(secret, credential.value)
+                claims = tokens.decode(credential.value)
             except InvalidToken:
                 return None
             user_id, version, expires_at = claims.user_id, claims.version, claims.expires_at
-        async with context.sessions() as session:
-            user = await token_holder(session, user_id, version)
-        if user is None:
+
+        async def load() -> Account | None:
+            try:
+                async with context.sessions() as session:
+                    user = await UserRepository(session).get(user_id)
+            except SQLAlchemyError as error:
+                if is_busy(error):  # overload (the pool's wait): 1013, not 1011
+                    raise CredentialStoreBusy(str(error)) from error
+                raise
+            if user is None:
+                return None
+            return Account(user.id, user.token_version, user.display_name, user.role)
+
+        if context.accounts is not None:
+            account = await context.accounts.holder(user_id, version, load)
+        else:
+            account = await load()
+            account = account if account is not None and account.version == version else None
+        if account is None:
             return None
         return UserInfo(
-            id=str(user.id), name=user.display_name, role=user.role, expires_at=expires_at
+            id=str(account.id), name=account.name, role=account.role, expires_at=expires_at
         )
 
     return authenticate

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     password_hash_queue: int = Field(default=16, ge=0, le=10_000)
     # How long a WebSocket connection ticket (POST /auth/ws-ticket) stays valid; it works once.
     ws_ticket_seconds: float = Field(default=30.0, ge=1, le=300)
+    # How long a request waits for the database (a pooled connection; on SQLite also its turn
+    # to write) before it is answered 503 with Retry-After.
+    database_busy_timeout: float = Field(default=10.0, gt=0, le=600)
+    # How long a WebSocket connect may rely on a remembered account (id, token version, name,
+    # role) instead of reading its row; 0: read it on every connect (`api/accounts.py`).
+    account_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
     # The REST API's pages (/docs, /redoc, /openapi.json); unset: on except in production.
     api_docs: bool | None = None
     presence_timeout: float = Field(default=30.0, gt=0, le=3600)

@@ -42,6 +42,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _UNAVAILABLE = (BrokerUnavailable, PresenceUnavailable, SinkUnavailable)
 
 
+class CredentialStoreBusy(Exception):
+    """Raised by an authenticator whose store (the database) is overloaded, not broken:
+    the socket is closed with 1013 ("try again later"), as a busy REST request gets 503."""
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
     for key, value in headers:
@@ -141,6 +146,9 @@ class WebSocketEndpoint:
         if credential is not None and len(credential.value) <= 4096:
             try:
                 user = await self.authenticate(credential)
+            except CredentialStoreBusy:
+                log.warning("a connection's credential could not be checked: store busy")
+                return int(p.CloseCode.TRY_AGAIN_LATER)
             except Exception:
                 # A store behind the check (database, Redis) failed: not the client's fault,
                 # so not 4401 ("get a new token") but 1011 ("reconnect").

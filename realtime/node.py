@@ -183,6 +183,9 @@ class Node:
             max_backlog_bytes=self.limits.max_backlog_bytes,
         )
         self.hub.control_handlers[CONTROL] = self._on_control
+        # Told the id of every user whose sockets are closed by `disconnect_user`, on this
+        # node or another (the account's credentials no longer hold): caches forget it.
+        self.user_listeners: list[Callable[[str], None]] = []
         # feed -> (position it was built at, when, encoded snapshot, truncated)
         self._snapshot_cache: dict[str, tuple[Position, float, bytes, bool]] = {}
         self._snapshot_builds: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}
@@ -379,6 +382,8 @@ class Node:
         await self.broker.publish_event(CONTROL, frame)
 
     def _close_user(self, user_id: str, code: int) -> None:
+        for listener in self.user_listeners:
+            listener(user_id)
         if user_id not in self.hub.user_connections:
             return
         for conn in list(self.hub.connections.values()):

@@ -87,6 +87,8 @@ async def delete_user(
 async def _close_sockets(context: ApiContext, user_id: int, why: str) -> None:
     """Close the account's sockets on every node (4401): they were opened with credentials
     that no longer hold."""
+    if context.accounts is not None:  # other nodes forget it on the node's control message
+        context.accounts.forget(user_id)
     if context.realtime is None:
         return
     from realtime.broker import BrokerUnavailable
