@@ -101,3 +101,39 @@ async def test_dashboard_shows_items_as_they_change(server: ServerProcess, brows
     )
     if os.environ.get("COLLAB_SCREENSHOTS"):
         await page.screenshot(path=str(Path(os.environ["COLLAB_SCREENSHOTS"]) / "live.png"))
+
+
+@pytest.mark.parametrize(
+    ("path", "rendered"),
+    [
+        # Swagger UI's list of operations, one block per operation.
+        ("/docs", ".opblock"),
+        # ReDoc's menu of operations.
+        ("/redoc", "[role=menuitem], .menu-content li"),
+    ],
+)
+async def test_api_docs_work_without_the_internet(
+    server: ServerProcess, browser: Any, path: str, rendered: str
+) -> None:
+    context = await browser.new_context()
+    elsewhere: list[str] = []
+
+    async def only_the_server(route: Any) -> None:
+        url: str = route.request.url
+        if url.startswith(server.url) or url.startswith("data:"):
+            await route.continue_()
+        else:
+            elsewhere.append(url)
+            await route.abort()
+
+    await context.route("**/*", only_the_server)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await page.goto(f"{server.url}{path}")
+    await page.wait_for_selector(rendered, timeout=20_000)
+    assert await page.locator(rendered).count() > 3
+    assert errors == []
+    # Every asset, the favicon included, came from the server: nothing even tried elsewhere.
+    assert elsewhere == []
+    await context.close()
