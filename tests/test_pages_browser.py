@@ -96,7 +96,9 @@ async def test_two_people_chat_in_a_room(
     await screenshot(bob, tmp_path, "chat.png")
 
 
-async def test_dashboard_shows_items_as_they_change(server: ServerProcess, browser: Any) -> None:
+async def test_dashboard_shows_items_as_they_change(
+    server: ServerProcess, browser: Any, tmp_path: Path
+) -> None:
     page = await browser.new_page()
     await page.goto(f"{server.url}/live")
     await page.wait_for_function(
@@ -110,8 +112,7 @@ async def test_dashboard_shows_items_as_they_change(server: ServerProcess, brows
     await page.wait_for_function(
         f"document.querySelector('#items').textContent.includes('{title}')", timeout=10_000
     )
-    if os.environ.get("COLLAB_SCREENSHOTS"):
-        await page.screenshot(path=str(Path(os.environ["COLLAB_SCREENSHOTS"]) / "live.png"))
+    await screenshot(page, tmp_path, "live-items.png")
 
 
 @pytest.mark.parametrize(
@@ -255,3 +256,89 @@ async def test_dashboard_charts_a_feed_across_a_server_restart(
         await screenshot(page, tmp_path, "live.png")
     finally:
         server.stop()
+
+
+async def test_chat_signs_in_scrolls_back_and_fills_in_after_a_reconnect(
+    server: ServerProcess, browser: Any, tmp_path: Path
+) -> None:
+    room = f"history-{uuid.uuid4().hex[:8]}"
+    service = {"Authorization": f"Bearer {service_token(server, f'svc-{room}')}"}
+
+    def post(text: str) -> None:
+        response = httpx.post(
+            f"{server.url}/rooms/{room}/messages", json={"body": {"text": text}}, headers=service
+        )
+        assert response.status_code == 201, response.text
+
+    for n in range(120):
+        post(f"old {n}")
+    username = f"carol{uuid.uuid4().hex[:6]}"
+    registered = httpx.post(
+        f"{server.url}/auth/register",
+        json={"username": username, "password": "carol's long password"},
+    )
+    assert registered.status_code == 201, registered.text
+
+    page = await browser.new_page(viewport={"width": 1000, "height": 700})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await page.goto(f"{server.url}/chat")
+    # A registered user, not a guest.
+    await page.fill("#room", room)
+    await page.fill("#username", username)
+    await page.fill("#password", "carol's long password")
+    await page.click("#signin")
+    await page.wait_for_selector("#text:not([disabled])", timeout=10_000)
+    await page.wait_for_function(
+        f"document.querySelector('#status').textContent.endsWith('as {username}')",
+        timeout=10_000,
+    )
+    texts = "[...document.querySelectorAll('#messages li')].map(li => li.children[1].textContent)"
+    # The latest page first, then older pages by scrolling to the top, until the beginning.
+    assert await page.evaluate(texts) == [f"old {n}" for n in range(70, 120)]
+    while await page.get_attribute("#older", "data-has-more") != "false":
+        count = await page.locator("#messages li").count()
+        await page.evaluate("document.querySelector('#scroller').scrollTop = 0")
+        await page.wait_for_function(
+            f"document.querySelectorAll('#messages li').length > {count}"
+            " || document.querySelector('#older').dataset.hasMore === 'false'",
+            timeout=10_000,
+        )
+    assert await page.evaluate(texts) == [f"old {n}" for n in range(120)]
+    assert await page.locator("#older-note").text_content() == "The beginning of the room."
+
+    # The connection drops and cannot come back yet (its ticket requests fail): the page says
+    # so, and what is sent meanwhile is filled in once when it is back.
+    await page.route("**/auth/ws-ticket", lambda route: route.abort())
+    await page.evaluate("window.chat.socket.ws.close()")
+    await page.wait_for_function(
+        "document.querySelector('#status').dataset.state === 'reconnecting'", timeout=10_000
+    )
+    assert await page.locator("#banner").is_visible()
+    for n in range(3):
+        post(f"meanwhile {n}")
+    await screenshot(page, tmp_path, "chat-reconnecting.png")
+    assert await page.locator("#messages li").count() == 120
+    await page.unroute("**/auth/ws-ticket")
+    await page.wait_for_function(
+        "document.querySelector('#status').dataset.state === 'connected'", timeout=20_000
+    )
+    await page.wait_for_function(
+        "document.querySelectorAll('#messages li').length === 123", timeout=10_000
+    )
+    assert (await page.evaluate(texts))[-4:] == ["old 119", *(f"meanwhile {n}" for n in range(3))]
+    banner = await page.locator("#banner").text_content()
+    assert banner is not None and "3 messages sent meanwhile" in banner
+    # And the page still sends: its own message shows once.
+    await page.fill("#text", "back again")
+    await page.press("#text", "Enter")
+    await page.wait_for_function(
+        "document.querySelectorAll('#messages li').length === 124", timeout=10_000
+    )
+    ids = await page.evaluate(
+        "[...document.querySelectorAll('#messages li')].map(li => li.dataset.msgId)"
+    )
+    assert len(set(ids)) == len(ids) == 124
+    assert errors == []
+    await page.evaluate("document.querySelector('#scroller').scrollTop = 1e9")
+    await screenshot(page, tmp_path, "chat-history.png")
