@@ -252,6 +252,27 @@ async def test_dashboard_charts_a_feed_across_a_server_restart(
             " figure[data-field=\"connections\"] svg')?.dataset.values ?? '[0]').at(-1) === 1",
             timeout=10_000,
         )
+        # A second node's update (here a service posing as one): the charts add it in.
+        other = {
+            "node": "other-node",
+            "connections": 10,
+            "rooms": 0,
+            "messages_in_per_second": 0,
+            "deliveries_per_second": 0,
+            "outgoing_queue_bytes": 0,
+            "storage_lag_seconds": 0,
+        }
+        response = httpx.post(
+            f"{server.url}/feeds/stats",
+            json={"data": other},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert response.status_code == 200, response.text
+        await page.wait_for_function(
+            'JSON.parse(document.querySelector(\'section[data-feed="stats"]'
+            ' figure[data-field="connections"] svg\').dataset.values).includes(11)',
+            timeout=10_000,
+        )
         assert errors == []
         await screenshot(page, tmp_path, "live.png")
     finally:
