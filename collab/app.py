@@ -14,7 +14,12 @@ from pathlib import Path
 
 import anyio.to_thread
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
@@ -41,6 +46,14 @@ log = logging.getLogger("collab")
 STATIC = Path(__file__).parent / "static"
 # The wire protocol's AsyncAPI document (docs/PROTOCOL.md in prose), shipped in the package.
 ASYNCAPI = Path(__file__).parent / "asyncapi.json"
+FAVICON = "/static/favicon.svg"
+# The API docs' pages may load nothing from elsewhere: ReDoc's menu has a logo from its
+# vendor's CDN built in, which this keeps the browser from even asking for. Inline script and
+# style are the pages' own (FastAPI's start-up script; ReDoc's generated styles).
+DOCS_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; font-src 'self' data:"
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -114,8 +127,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Real-time collaboration server: WebSocket rooms and feeds, and this REST API.",
         lifespan=lifespan,
         # The API's pages say nothing secret, but production need not advertise them.
-        docs_url="/docs" if settings.serves_api_docs else None,
-        redoc_url="/redoc" if settings.serves_api_docs else None,
+        # FastAPI's own /docs and /redoc load their scripts from a CDN, blank on a machine
+        # without internet access: ours (below) load the copies under static/vendor.
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json" if settings.serves_api_docs else None,
     )
     app.state.settings = settings
@@ -151,6 +166,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # every client already speaks, and says nothing about this deployment.
         return FileResponse(ASYNCAPI, media_type="application/json")
 
+    if settings.serves_api_docs:
+        _add_api_docs(app)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        # Browsers ask for it on pages that name none (the JSON endpoints, for one).
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     for path, page in (("/", "index.html"), ("/chat", "chat.html"), ("/live", "live.html")):
         app.add_api_route(path, _page(page), include_in_schema=False, methods=["GET"])
@@ -177,6 +200,44 @@ async def database_busy_is_503(_request: Request, error: Exception) -> Response:
         status_code=503,
         headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)},
     )
+
+
+def _add_api_docs(app: FastAPI) -> None:
+    """`/docs` (Swagger UI) and `/redoc`, every asset from the app's own static/vendor."""
+    openapi_url = app.openapi_url or "/openapi.json"
+    oauth2_redirect = app.swagger_ui_oauth2_redirect_url
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        page = get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url="/static/vendor/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/vendor/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=FAVICON,
+            oauth2_redirect_url=oauth2_redirect,
+        )
+        page.headers["Content-Security-Policy"] = DOCS_POLICY
+        return page
+
+    if oauth2_redirect:
+
+        @app.get(oauth2_redirect, include_in_schema=False)
+        async def swagger_ui_redirect() -> HTMLResponse:
+            return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        page = get_redoc_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url="/static/vendor/redoc/redoc.standalone.js",
+            redoc_favicon_url=FAVICON,
+            # Google Fonts is a CDN too; ReDoc falls back to the system's fonts.
+            with_google_fonts=False,
+        )
+        page.headers["Content-Security-Policy"] = DOCS_POLICY
+        return page
 
 
 def _page(name: str) -> Callable[[], Awaitable[FileResponse]]:

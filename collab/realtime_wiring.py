@@ -159,6 +159,7 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
             interval=settings.reconcile_interval,
         ),
         user_connections=user_connections,
+        stats_interval=settings.stats_feed_interval,
     )
 
 

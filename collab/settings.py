@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     # most `max_unconfirmed` of them (past that the oldest are lost and reported).
     reconcile_grace: float = Field(default=60.0, ge=0, le=86_400)
     reconcile_interval: float = Field(default=5.0, gt=0, le=3600)
+    # The built-in `stats` feed (realtime/stats_feed.py): each node publishes its numbers
+    # this often, in seconds; 0 turns it off.
+    stats_feed_interval: float = Field(default=1.0, ge=0, le=3600)
     max_unconfirmed: int = Field(default=100_000, ge=1, le=10_000_000)
     # When set, `collab worker` serves Prometheus metrics (batch size, lag) on this port.
     celery_metrics_port: int | None = Field(default=None, ge=1, le=65535)

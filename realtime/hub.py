@@ -206,6 +206,11 @@ class Hub:
                 "Connections whose frames are written straight to the transport, not via ASGI send",
                 sum(1 for c in connections if c.writes_directly),
             ),
+            gauge(
+                "outgoing_queue_bytes",
+                "Bytes given to connections and not yet taken by their peers (queues, buffers)",
+                sum(c.unsent_bytes() for c in connections),
+            ),
             Stat("deliveries", "Frames handed to local members by the fan-out", self.deliveries),
             Stat(
                 "join_buffer_overflows",

@@ -26,6 +26,7 @@ from realtime.hub import Hub
 from realtime.presence import Member, Presence, PresenceUnavailable
 from realtime.reconciler import Reconciler
 from realtime.stats import Stat, gauge
+from realtime.stats_feed import StatsPublisher
 from realtime.storage import (
     HistoryReader,
     MessageRefused,
@@ -165,6 +166,7 @@ class Node:
         snapshots: dict[str, SnapshotProvider] | None = None,
         reconciler: Reconciler | None = None,
         user_connections: UserConnections | None = None,
+        stats_interval: float = 0.0,
     ) -> None:
         self.node_id = node_id
         self.broker = broker
@@ -200,6 +202,8 @@ class Node:
         self.acknowledged = 0  # publishes answered with `ack`: stored, or in the Celery broker
         self.unconfirmed_replies = 0  # delivered, but storage did not confirm in time
         self.closed_too_slow = 0  # connections closed with 4408: read slower than the room
+        # The built-in `stats` feed, every `stats_interval` seconds; 0 publishes none.
+        self.stats_publisher = StatsPublisher(self, stats_interval) if stats_interval > 0 else None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -215,10 +219,14 @@ class Node:
         self._sweeper = asyncio.get_running_loop().create_task(self._presence_loop())
         if self.reconciler is not None:
             self.reconciler.start()
+        if self.stats_publisher is not None:
+            self.stats_publisher.start()
 
     async def close(self) -> None:
         """Close every connection with 1001 (clients reconnect elsewhere), then the backends."""
         self.closing = True
+        if self.stats_publisher is not None:
+            await self.stats_publisher.close()
         await self.disconnect_all(p.CloseCode.GOING_AWAY)
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -267,6 +275,11 @@ class Node:
                 "persistence_up",
                 "1 when the last batch of messages was handed to storage",
                 1.0 if self.sink.healthy else 0.0,
+            ),
+            gauge(
+                "rooms",
+                "Rooms with members on this node",
+                sum(1 for name in self.hub.channels if name.startswith(ROOM)),
             ),
             *self.hub.stats(),
             *self.sink.stats(),

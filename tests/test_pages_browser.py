@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -55,7 +57,17 @@ async def browser() -> AsyncIterator[Any]:
             await instance.close()
 
 
-async def test_two_people_chat_in_a_room(server: ServerProcess, browser: Any) -> None:
+async def screenshot(page: Any, tmp_path: Path, name: str) -> None:
+    """A test artifact under the test's tmp_path; also into COLLAB_SCREENSHOTS when set (to
+    refresh docs/screenshots/)."""
+    await page.screenshot(path=str(tmp_path / name), full_page=True)
+    if os.environ.get("COLLAB_SCREENSHOTS"):
+        await page.screenshot(path=str(Path(os.environ["COLLAB_SCREENSHOTS"]) / name))
+
+
+async def test_two_people_chat_in_a_room(
+    server: ServerProcess, browser: Any, tmp_path: Path
+) -> None:
     room = f"page-{uuid.uuid4().hex[:8]}"
     ann = await browser.new_page()
     bob = await browser.new_page()
@@ -81,11 +93,12 @@ async def test_two_people_chat_in_a_room(server: ServerProcess, browser: Any) ->
     await cid.wait_for_function(
         "document.querySelector('#messages').textContent.includes('hello from')", timeout=10_000
     )
-    if os.environ.get("COLLAB_SCREENSHOTS"):
-        await bob.screenshot(path=str(Path(os.environ["COLLAB_SCREENSHOTS"]) / "chat.png"))
+    await screenshot(bob, tmp_path, "chat.png")
 
 
-async def test_dashboard_shows_items_as_they_change(server: ServerProcess, browser: Any) -> None:
+async def test_dashboard_shows_items_as_they_change(
+    server: ServerProcess, browser: Any, tmp_path: Path
+) -> None:
     page = await browser.new_page()
     await page.goto(f"{server.url}/live")
     await page.wait_for_function(
@@ -99,5 +112,254 @@ async def test_dashboard_shows_items_as_they_change(server: ServerProcess, brows
     await page.wait_for_function(
         f"document.querySelector('#items').textContent.includes('{title}')", timeout=10_000
     )
-    if os.environ.get("COLLAB_SCREENSHOTS"):
-        await page.screenshot(path=str(Path(os.environ["COLLAB_SCREENSHOTS"]) / "live.png"))
+    await screenshot(page, tmp_path, "live-items.png")
+
+
+@pytest.mark.parametrize(
+    ("path", "rendered"),
+    [
+        # Swagger UI's list of operations, one block per operation.
+        ("/docs", ".opblock"),
+        # ReDoc's menu of operations.
+        ("/redoc", "[role=menuitem], .menu-content li"),
+    ],
+)
+async def test_api_docs_work_without_the_internet(
+    server: ServerProcess, browser: Any, path: str, rendered: str
+) -> None:
+    context = await browser.new_context()
+    elsewhere: list[str] = []
+
+    async def only_the_server(route: Any) -> None:
+        url: str = route.request.url
+        if url.startswith(server.url) or url.startswith("data:"):
+            await route.continue_()
+        else:
+            elsewhere.append(url)
+            await route.abort()
+
+    await context.route("**/*", only_the_server)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await page.goto(f"{server.url}{path}")
+    await page.wait_for_selector(rendered, timeout=20_000)
+    assert await page.locator(rendered).count() > 3
+    assert errors == []
+    # Every asset, the favicon included, came from the server: nothing even tried elsewhere.
+    assert elsewhere == []
+    await context.close()
+
+
+def service_token(server: ServerProcess, name: str) -> str:
+    """A service account made the way an operator makes one: `collab create-user`."""
+    password = "a long service password"
+    created = subprocess.run(
+        [sys.executable, "-m", "collab", "create-user", name, "--role", "service"],
+        input=f"{password}\n",
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert created.returncode == 0, created.stderr
+    response = httpx.post(f"{server.url}/auth/token", data={"username": name, "password": password})
+    assert response.status_code == 200, response.text
+    token: str = response.json()["access_token"]
+    return token
+
+
+async def test_dashboard_charts_a_feed_across_a_server_restart(
+    redis_url: str, browser: Any, tmp_path: Path
+) -> None:
+    """What a service publishes is charted point for point, in order: before a restart, while
+    the page is reconnecting (recovered with `since` from Redis), and after."""
+    env = server_env(
+        tmp_path, {"COLLAB_BROKER_URL": redis_url, "COLLAB_PUBLIC_FEEDS": "items,stats,sensors"}
+    )
+    server = ServerProcess(env, tmp_path / "server.log").start()
+    try:
+        token = service_token(server, "sensor-svc")
+        published: list[float] = []
+
+        def publish(count: int) -> None:
+            for _ in range(count):
+                value = round(20 + len(published) * 0.5 + (len(published) % 3), 2)
+                response = httpx.post(
+                    f"{server.url}/feeds/sensors",
+                    json={
+                        "data": {
+                            "temperature": value,
+                            "load": {"cpu": len(published)},
+                            "site": "lab",
+                        }
+                    },
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                assert response.status_code == 200, response.text
+                published.append(value)
+
+        page = await browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        await page.goto(f"{server.url}/live?feeds=stats,sensors")
+        await page.wait_for_function(
+            "document.querySelector('#status').textContent === 'live'", timeout=10_000
+        )
+        chart = 'section[data-feed="sensors"] figure[data-field="{}"] svg'
+
+        async def charted(field: str, count: int) -> list[float]:
+            selector = chart.format(field)
+            await page.wait_for_function(
+                f"document.querySelector('{selector}')?.dataset.count === '{count}'",
+                timeout=15_000,
+            )
+            values: list[float] = await page.eval_on_selector(
+                selector, "svg => JSON.parse(svg.dataset.values)"
+            )
+            return values
+
+        publish(5)
+        assert await charted("temperature", 5) == published
+
+        # The page may not reconnect until it is let (its ticket requests fail meanwhile), so
+        # the next five are published while it is away and can only come back through `since`.
+        await page.route("**/auth/ws-ticket", lambda route: route.abort())
+        server.stop()
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state !== 'connected'", timeout=10_000
+        )
+        server.start()
+        publish(5)
+        assert await charted("temperature", 5) == published[:5]
+        await page.unroute("**/auth/ws-ticket")
+        await page.wait_for_function(
+            "document.querySelector('#status').textContent === 'live'", timeout=20_000
+        )
+        assert await charted("temperature", 10) == published
+        publish(5)
+        assert await charted("temperature", 15) == published
+        # Nested numbers are charted too, under a dotted name; strings are not.
+        assert await charted("load.cpu", 15) == list(range(15))
+        assert await page.locator("section[data-feed=sensors] figure[data-field=site]").count() == 0
+        # No gap was reported: the reconnect recovered everything.
+        assert await page.locator("section[data-feed=sensors] .note").is_hidden()
+        # The built-in stats feed is charted beside it, summed over the nodes: here the one
+        # restarted node, which counts this page's connection.
+        await page.wait_for_function(
+            'JSON.parse(document.querySelector(\'section[data-feed="stats"]'
+            " figure[data-field=\"connections\"] svg')?.dataset.values ?? '[0]').at(-1) === 1",
+            timeout=10_000,
+        )
+        # A second node's update (here a service posing as one): the charts add it in.
+        other = {
+            "node": "other-node",
+            "connections": 10,
+            "rooms": 0,
+            "messages_in_per_second": 0,
+            "deliveries_per_second": 0,
+            "outgoing_queue_bytes": 0,
+            "storage_lag_seconds": 0,
+        }
+        response = httpx.post(
+            f"{server.url}/feeds/stats",
+            json={"data": other},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert response.status_code == 200, response.text
+        await page.wait_for_function(
+            'JSON.parse(document.querySelector(\'section[data-feed="stats"]'
+            ' figure[data-field="connections"] svg\').dataset.values).includes(11)',
+            timeout=10_000,
+        )
+        assert errors == []
+        await screenshot(page, tmp_path, "live.png")
+    finally:
+        server.stop()
+
+
+async def test_chat_signs_in_scrolls_back_and_fills_in_after_a_reconnect(
+    server: ServerProcess, browser: Any, tmp_path: Path
+) -> None:
+    room = f"history-{uuid.uuid4().hex[:8]}"
+    service = {"Authorization": f"Bearer {service_token(server, f'svc-{room}')}"}
+
+    def post(text: str) -> None:
+        response = httpx.post(
+            f"{server.url}/rooms/{room}/messages", json={"body": {"text": text}}, headers=service
+        )
+        assert response.status_code == 201, response.text
+
+    for n in range(120):
+        post(f"old {n}")
+    username = f"carol{uuid.uuid4().hex[:6]}"
+    registered = httpx.post(
+        f"{server.url}/auth/register",
+        json={"username": username, "password": "carol's long password"},
+    )
+    assert registered.status_code == 201, registered.text
+
+    page = await browser.new_page(viewport={"width": 1000, "height": 700})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await page.goto(f"{server.url}/chat")
+    # A registered user, not a guest.
+    await page.fill("#room", room)
+    await page.fill("#username", username)
+    await page.fill("#password", "carol's long password")
+    await page.click("#signin")
+    await page.wait_for_selector("#text:not([disabled])", timeout=10_000)
+    await page.wait_for_function(
+        f"document.querySelector('#status').textContent.endsWith('as {username}')",
+        timeout=10_000,
+    )
+    texts = "[...document.querySelectorAll('#messages li')].map(li => li.children[1].textContent)"
+    # The latest page first, then older pages by scrolling to the top, until the beginning.
+    assert await page.evaluate(texts) == [f"old {n}" for n in range(70, 120)]
+    while await page.get_attribute("#older", "data-has-more") != "false":
+        count = await page.locator("#messages li").count()
+        await page.evaluate("document.querySelector('#scroller').scrollTop = 0")
+        await page.wait_for_function(
+            f"document.querySelectorAll('#messages li').length > {count}"
+            " || document.querySelector('#older').dataset.hasMore === 'false'",
+            timeout=10_000,
+        )
+    assert await page.evaluate(texts) == [f"old {n}" for n in range(120)]
+    assert await page.locator("#older-note").text_content() == "The beginning of the room."
+
+    # The connection drops and cannot come back yet (its ticket requests fail): the page says
+    # so, and what is sent meanwhile is filled in once when it is back.
+    await page.route("**/auth/ws-ticket", lambda route: route.abort())
+    await page.evaluate("window.chat.socket.ws.close()")
+    await page.wait_for_function(
+        "document.querySelector('#status').dataset.state === 'reconnecting'", timeout=10_000
+    )
+    assert await page.locator("#banner").is_visible()
+    for n in range(3):
+        post(f"meanwhile {n}")
+    await screenshot(page, tmp_path, "chat-reconnecting.png")
+    assert await page.locator("#messages li").count() == 120
+    await page.unroute("**/auth/ws-ticket")
+    await page.wait_for_function(
+        "document.querySelector('#status').dataset.state === 'connected'", timeout=20_000
+    )
+    await page.wait_for_function(
+        "document.querySelectorAll('#messages li').length === 123", timeout=10_000
+    )
+    assert (await page.evaluate(texts))[-4:] == ["old 119", *(f"meanwhile {n}" for n in range(3))]
+    banner = await page.locator("#banner").text_content()
+    assert banner is not None and "3 messages sent meanwhile" in banner
+    # And the page still sends: its own message shows once.
+    await page.fill("#text", "back again")
+    await page.press("#text", "Enter")
+    await page.wait_for_function(
+        "document.querySelectorAll('#messages li').length === 124", timeout=10_000
+    )
+    ids = await page.evaluate(
+        "[...document.querySelectorAll('#messages li')].map(li => li.dataset.msgId)"
+    )
+    assert len(set(ids)) == len(ids) == 124
+    assert errors == []
+    await page.evaluate("document.querySelector('#scroller').scrollTop = 1e9")
+    await screenshot(page, tmp_path, "chat-history.png")

@@ -1,0 +1,80 @@
+"""The built-in `stats` feed: each node's numbers, once per interval, on a public feed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.processes import ServerProcess, server_env
+from tests.wsclient import Client, guest_token
+
+pytestmark = pytest.mark.slow
+
+FIELDS = {
+    "node",
+    "connections",
+    "rooms",
+    "messages_in_per_second",
+    "deliveries_per_second",
+    "outgoing_queue_bytes",
+    "storage_lag_seconds",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("stats")
+    env = server_env(
+        folder, {"COLLAB_STATS_FEED_INTERVAL": "0.25", "COLLAB_NODE_ID": "stats-node-1"}
+    )
+    node = ServerProcess(env, folder / "server.log").start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+async def test_each_node_publishes_what_it_is_doing(server: ServerProcess) -> None:
+    dashboard = await Client.connect(server.ws_url, guest_token(server.url, "dash"), "/ws/live")
+    subscribed = await dashboard.request({"type": "subscribe", "feed": "stats"})
+    assert subscribed["type"] == "subscribed"
+    first = await dashboard.event("update", feed="stats")
+    assert set(first["data"]) == FIELDS
+    assert first["data"]["node"] == "stats-node-1"
+    assert first["data"]["connections"] >= 1  # the dashboard itself
+    # One update per interval, in order, each from this node.
+    second = await dashboard.event("update", feed="stats")
+    assert second["offset"] == first["offset"] + 1
+
+    # A chat user in a room, publishing: the next updates count the room and the messages.
+    chat = await Client.connect(server.ws_url, guest_token(server.url, "ann"))
+    await chat.request({"type": "join", "room": "stats-room"})
+    for n in range(20):
+        await chat.request({"type": "publish", "room": "stats-room", "body": {"text": f"m{n}"}})
+    seen: list[dict[str, float]] = []
+    for _ in range(8):
+        update = await dashboard.event("update", feed="stats")
+        seen.append(update["data"])
+        if update["data"]["messages_in_per_second"] > 0:
+            break
+    assert any(data["messages_in_per_second"] > 0 for data in seen), seen
+    assert any(data["deliveries_per_second"] > 0 for data in seen), seen
+    assert seen[-1]["rooms"] >= 1 and seen[-1]["connections"] >= 2
+    assert all(data["outgoing_queue_bytes"] >= 0 for data in seen)
+
+
+async def test_an_interval_of_0_publishes_nothing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    folder = tmp_path_factory.mktemp("stats-off")
+    env = server_env(folder, {"COLLAB_STATS_FEED_INTERVAL": "0"})
+    node = ServerProcess(env, folder / "server.log").start()
+    try:
+        dashboard = await Client.connect(node.ws_url, guest_token(node.url, "dash"), "/ws/live")
+        subscribed = await dashboard.request({"type": "subscribe", "feed": "stats"})
+        assert subscribed["snapshot"] is None
+        assert await dashboard.no_frame(lambda f: f.get("type") == "update", wait=1.5)
+        await dashboard.close()
+    finally:
+        node.stop()
