@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
+from websockets.exceptions import ConnectionClosed
 
 from realtime.broker import Broker, BrokerUnavailable, Publication, PublishResult
 from realtime.broker_redis import RedisBroker
@@ -308,7 +309,15 @@ async def test_clients_through_a_master_failover_get_every_ack_or_recovered_fals
         acked: list[str] = []
 
         async def send(n: int) -> str:
-            reply = await ann.request({"type": "publish", "room": room, "body": {"n": n}})
+            nonlocal ann
+            try:
+                reply = await ann.request({"type": "publish", "room": room, "body": {"n": n}})
+            except ConnectionClosed as exc:
+                # The new epoch sends every member of the room off to recover, the publisher
+                # too; which comes first, its ack or its 1011, is a race.
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                ann, _ = await join_on(a, ann_token, room)
+                return f"closed {code}"
             if reply["type"] == "ack":
                 acked.append(reply["msg_id"])
                 return "ack"
@@ -327,6 +336,7 @@ async def test_clients_through_a_master_failover_get_every_ack_or_recovered_fals
             outcomes.append(await send(100 + len(outcomes)))
             await asyncio.sleep(0.05)
         assert "unavailable" in outcomes
+        assert {o for o in outcomes if o.startswith("closed")} <= {"closed 1011"}, outcomes
 
         # The new epoch voids every position: both members are told to reconnect and recover.
         assert await bob.closed_with(timeout=15) == 1011
@@ -336,6 +346,8 @@ async def test_clients_through_a_master_failover_get_every_ack_or_recovered_fals
         assert rejoined["offset"] == 1  # the first ack after the switch, offset 1 again
 
         stored = stored_msg_ids(tmp_path / "cluster.db", room)
-        assert set(acked) == stored and len(acked) == 6
+        # Every acknowledged message once (a publish whose ack was cut off by the 1011 may be
+        # stored too: delivered, never acknowledged).
+        assert set(acked) <= stored and len(acked) == len(set(acked)) >= 6
     finally:
         stop_nodes([a, b])

@@ -79,6 +79,7 @@ def nginx_in_front(folder: Path, ports: list[int], ws_per_address: int = 100) ->
         NGINX_KEY=str(key),
         NGINX_ACCESS_LOG=str(folder / "access.log"),
         NGINX_WS_CONNECTIONS_PER_ADDRESS=str(ws_per_address),
+        NGINX_ACME_ROOT=str(folder / "acme"),
     )
     assert "${" not in rendered, "a template variable the probes do not set"
     (folder / "collab.conf").write_text(rendered)
