@@ -141,6 +141,7 @@ def build_node(settings: Settings, sessions: SessionFactory) -> Node:
             max_connections_per_user=settings.max_connections_per_user,
             max_connections=settings.max_connections,
             outgoing_queue_bytes=settings.outgoing_queue_bytes,
+            close_timeout=settings.close_timeout,
             heartbeat=settings.heartbeat,
             presence_timeout=settings.presence_timeout,
             max_reply_bytes=settings.max_reply_bytes,

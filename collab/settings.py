@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=10_000, ge=1)
     heartbeat: float = Field(default=25.0, gt=0, le=3600)
     outgoing_queue_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Seconds a close decided by the server (4408 too slow, 4401 token expired) may wait
+    # behind what the client has not read; then the socket is dropped without it.
+    close_timeout: float = Field(default=30.0, gt=0, le=600)
     # The most one reply may hold (a history page, a join's `missed`, a feed snapshot); never
     # more than the outgoing queue, which it counts against.
     max_reply_bytes: int = Field(default=512 * 1024, ge=4096)

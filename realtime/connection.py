@@ -59,8 +59,11 @@ async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
     """Carry on a `send` coroutine that `deliver` started and that had to wait.
 
     `deliver` runs the coroutine's first step inline; when the transport is paused the
-    coroutine stops at a future (the transport becoming writable). This waits for that
-    future the way an asyncio task would, then resumes the coroutine until it finishes.
+    coroutine stops at a future (the transport becoming writable). This waits until that
+    future is done, the way an asyncio task would, then resumes the coroutine until it
+    finishes. It must not `await` the future itself: the coroutine's own `await` already
+    marked it as blocking, and asyncio's C futures refuse a second await of a future in that
+    state ("await wasn't used with future"), which would end the coroutine with an error.
     """
     try:
         while True:
@@ -68,15 +71,30 @@ async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
                 await asyncio.sleep(0)
             else:
                 try:
-                    await waiting
+                    await _until_done(waiting)
                 except asyncio.CancelledError:
                     coro.close()
                     raise
-                except Exception:  # noqa: S110 - the coroutine sees the outcome itself
-                    pass
             waiting = coro.send(None)
     except StopIteration:
         return
+
+
+async def _until_done(future: asyncio.Future[Any]) -> None:
+    """Wait for `future` to finish, whatever its outcome, without awaiting it."""
+    if future.done():
+        return
+    waiter = asyncio.get_running_loop().create_future()
+
+    def wake(_: asyncio.Future[Any]) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        future.remove_done_callback(wake)
 
 
 class Connection:
@@ -94,12 +112,14 @@ class Connection:
         "_writer",
         "bucket",
         "close_code",
+        "close_timeout",
         "conn_id",
         "expiry",
         "flood_strikes",
         "joined",
         "max_queue_bytes",
         "on_close",
+        "on_stuck",
         "presence_events",
         "user",
     )
@@ -114,6 +134,7 @@ class Connection:
         rate: float,
         burst: int,
         outbox: Outbox | None = None,
+        close_timeout: float = 30.0,
     ) -> None:
         """`outbox` enables direct writes (when `send` allows them); call after the accept."""
         self.conn_id = conn_id
@@ -142,6 +163,12 @@ class Connection:
         self.on_close: Callable[[Connection], None] | None = None
         # Closes the connection when its token expires (the node sets and moves it).
         self.expiry: asyncio.TimerHandle | None = None
+        # How long a decided close may wait behind what the peer has not read yet; then the
+        # socket is dropped without its close frame (see `_send_close`).
+        self.close_timeout = close_timeout
+        # Called when the close frame could not be sent in time and the socket is not one
+        # this connection can abort itself (ASGI `send` only): the endpoint stops serving it.
+        self.on_stuck: Callable[[], None] | None = None
 
     @property
     def closing(self) -> bool:
@@ -210,8 +237,9 @@ class Connection:
             waiting = coro.send(None)
         except StopIteration:
             return  # written straight into the transport
-        except Exception:  # the peer went away: the reader notices and cleans up
-            self._closing = True
+        except Exception:  # the peer went away, or the send failed: see `_drain`
+            log.debug("connection %s: send failed", self.conn_id, exc_info=True)
+            self.close_soon(CloseCode.INTERNAL_ERROR)
             return
         self._writer = asyncio.get_running_loop().create_task(self._drain(coro, waiting))
 
@@ -288,8 +316,13 @@ class Connection:
                 await self._send({"type": "websocket.send", "text": out.text})
         except asyncio.CancelledError:
             raise
-        except Exception:  # the peer went away mid-backlog; the reader cleans up
-            self._closing = True
+        except Exception:
+            # The peer went away mid-backlog (the reader sees it and cleans up), or the
+            # server's `send` failed: either way nothing more reaches the peer, so close it
+            # (or drop it, see `_send_close`) rather than leave it open and silent.
+            log.debug("connection %s: send failed", self.conn_id, exc_info=True)
+            self._writer = None
+            self.close_soon(CloseCode.INTERNAL_ERROR)
         finally:
             # A close decided meanwhile (close_soon) sends its own close frame.
             self._writer = None
@@ -345,8 +378,20 @@ class Connection:
                 reason = CLOSE_REASONS[CloseCode(code)]
             except ValueError:
                 reason = ""
-        # Already gone means nothing is left to tell the peer.
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(
-                self._send({"type": "websocket.close", "code": code, "reason": reason}), 5.0
+                self._send({"type": "websocket.close", "code": code, "reason": reason}),
+                self.close_timeout,
             )
+        except Exception:
+            # The peer is gone, or it has not read what was sent before the close frame for
+            # `close_timeout` seconds. Either way nothing more reaches it: drop the socket, or
+            # the connection would stay open and silent, its client believing it is in its
+            # rooms while it gets nothing (and never learns to recover).
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._direct is not None:
+            self._direct.transport.abort()  # uvicorn then reports the disconnect to the reader
+        elif self.on_stuck is not None:
+            self.on_stuck()

@@ -7,6 +7,7 @@ needs nothing the wrapper adds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -130,12 +131,30 @@ class WebSocketEndpoint:
             rate=limits.rate,
             burst=limits.burst,
             outbox=node.outbox,
+            close_timeout=limits.close_timeout,
         )
+        serving = asyncio.current_task()
+        stuck = False
+
+        def stop_serving() -> None:
+            # A close frame stuck behind a peer that reads nothing (ASGI `send` only; direct
+            # writes abort the transport instead): stop waiting for its commands.
+            nonlocal stuck
+            stuck = True
+            if serving is not None:
+                serving.cancel()
+
+        conn.on_stuck = stop_serving
         conn.reply(node.connect(conn))
         try:
             await self._serve(node, conn, receive)
             await conn.wait_closed()
+        except asyncio.CancelledError:
+            if not stuck or serving is None:
+                raise
+            serving.uncancel()  # ours, not the server's: return, and the server drops it
         finally:
+            conn.on_stuck = None
             await node.disconnect(conn)
 
     async def _refusal(self, scope: Scope, node: Node) -> UserInfo | int:

@@ -73,6 +73,9 @@ class NodeLimits:
     outgoing_queue_bytes: int = 1024 * 1024
     heartbeat: float = 25.0
     presence_timeout: float = 30.0
+    # How long a close (4408, 4401, ...) may wait behind frames the peer has not read before
+    # the socket is dropped without it.
+    close_timeout: float = 30.0
     # The most one reply (a history page, a join's `missed`, a snapshot) may hold: a reply is
     # written while the socket is writable, so without a bound one command could make the
     # node buffer far more than the outgoing queue allows.

@@ -73,6 +73,8 @@ class _Transport(Protocol):
 
     def get_write_buffer_size(self) -> int: ...
 
+    def abort(self) -> None: ...
+
 
 class DirectWriter:
     """Writes whole frames to one uvicorn connection's transport, as its `send` would."""

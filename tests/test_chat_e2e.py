@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -409,55 +410,85 @@ async def test_a_full_node_closes_1013(tmp_path: Path) -> None:
         node.stop()
 
 
+async def overflow_a_slow_reader(node: ServerProcess) -> Client:
+    """A member that reads nothing while a fast one reads all 600 messages (~9 MB) of their
+    room; the slow member, whose outgoing queue has overflowed, is returned unread."""
+    room = room_name()
+    # A small receive buffer, so the backlog reaches the server's queue within this test
+    # rather than filling megabytes of loopback socket buffers first.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", node.port))
+    slow = await Client.connect(node.ws_url, guest_token(node.url, "slow"), max_queue=1, sock=sock)
+    await slow.request({"type": "join", "room": room})
+    fast = await Client.connect(node.ws_url, guest_token(node.url, "fast"))
+    await fast.request({"type": "join", "room": room})
+    # The fast member must read as fast as a real client: the schema check of every
+    # frame (other tests do it) would make it the slow one.
+    fast.check_frames = slow.check_frames = False
+    body = {"pad": "x" * 15000}
+    total = 600  # ~9 MB: more than the kernel's socket buffers hold for a reader that stops
+    received = 0
+
+    async def read_fast() -> None:
+        nonlocal received
+        while received < total:
+            frame = await fast.event("message", timeout=20, room=room)
+            assert frame["offset"] == received + 1
+            received += 1
+
+    reader = asyncio.create_task(read_fast())
+    # The publisher stays at most three messages (45 KB, less than the 64 KB queue) ahead
+    # of the fast member's reads: a fast reader on a loaded machine is never overflowed,
+    # while the slow one, which reads nothing, is sent all ~9 MB.
+    for sent in range(total):
+        while sent - received >= 3 and not reader.done():
+            await asyncio.sleep(0.001)
+        await fast.send({"type": "publish", "room": room, "body": body})
+    await asyncio.wait_for(reader, 60)
+    assert received == total
+    return slow
+
+
+SLOW_READER_SETTINGS = {
+    "outgoing_queue_bytes": "65536",
+    "rate_limit": "100000",
+    "rate_burst": "100000",
+    "max_body_bytes": "16384",
+}
+
+
 @pytest.mark.parametrize("command", [None, UVICORN_WSPROTO], ids=["serve", "asgi-send"])
 async def test_slow_consumer_is_closed_4408_and_others_keep_up(
     tmp_path: Path, command: list[str] | None
 ) -> None:
     """Under `collab serve` (direct writes) and another server (ASGI send) alike."""
-    node = start(
-        tmp_path,
-        command,
-        outgoing_queue_bytes="65536",
-        rate_limit="100000",
-        rate_burst="100000",
-        max_body_bytes="16384",
-    )
+    node = start(tmp_path, command, **SLOW_READER_SETTINGS)
     try:
-        room = room_name()
-        # A small receive buffer, so the backlog reaches the server's queue within this test
-        # rather than filling megabytes of loopback socket buffers first.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", node.port))
-        slow = await Client.connect(
-            node.ws_url, guest_token(node.url, "slow"), max_queue=1, sock=sock
-        )
-        await slow.request({"type": "join", "room": room})
-        fast = await Client.connect(node.ws_url, guest_token(node.url, "fast"))
-        await fast.request({"type": "join", "room": room})
-        # The fast member must read as fast as a real client: the schema check of every
-        # frame (other tests do it) would make it the slow one.
-        fast.check_frames = slow.check_frames = False
-        body = {"pad": "x" * 15000}
-        total = 600  # ~9 MB: more than the kernel's socket buffers hold for a reader that stops
-        received = 0
-
-        async def read_fast() -> None:
-            nonlocal received
-            while received < total:
-                frame = await fast.event("message", timeout=20, room=room)
-                assert frame["offset"] == received + 1
-                received += 1
-
-        reader = asyncio.create_task(read_fast())
-        for _ in range(total):
-            await fast.send({"type": "publish", "room": room, "body": body})
-        await asyncio.wait_for(reader, 60)
-        assert received == total
+        slow = await overflow_a_slow_reader(node)
         # The slow client reads at last: what was sent before the overflow, then 4408.
         assert await slow.closed_with(timeout=30) == 4408
         metrics = httpx.get(f"{node.url}/metrics", timeout=5).text
         assert "collab_connections_closed_too_slow_total 1.0" in metrics
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("command", [None, UVICORN_WSPROTO], ids=["serve", "asgi-send"])
+async def test_a_slow_consumer_that_never_reads_its_close_is_dropped(
+    tmp_path: Path, command: list[str] | None
+) -> None:
+    """A 4408 stuck behind unread frames must not leave the socket open and silent: its
+    client would believe it is in its rooms and never learn to recover."""
+    node = start(tmp_path, command, close_timeout="2", **SLOW_READER_SETTINGS)
+    try:
+        slow = await overflow_a_slow_reader(node)
+        deadline = time.monotonic() + 30
+        while "collab_connections 1.0" not in httpx.get(f"{node.url}/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, "the stuck connection was never dropped"
+            await asyncio.sleep(0.2)
+        # What the kernel still held, then the end of the connection without a close frame.
+        assert await slow.closed_with(timeout=30) is None
     finally:
         node.stop()
 
