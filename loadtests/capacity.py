@@ -2,13 +2,16 @@
 
 Inputs: one or more results of `loadtests/bench_redis_shard.py` (with different numbers of
 subscribed nodes, so the cost of each pub/sub copy can be told from the cost of the publish
-itself), and the per-core figures of a hub node and a Celery worker (defaults: the medians in
-docs/BENCHMARKS.md and docs/PERSISTENCE.md, measured on a 2-core VM; pass your own).
+itself); results of `loadtests/fanout.py compare --broker-url ...` (`--hub`), for what a hub
+node on the broker does per CPU-second: publishes (its case with the fewest subscribers) and
+deliveries (its case with the most), medians over every run given; and the figures of a
+Celery worker and of idle connections (defaults: the medians in docs/PERSISTENCE.md and
+docs/BENCHMARKS.md, measured on a 2-core VM; pass your own).
 
 For a target (connections, published messages per second, room size) it prints how many hub
 processes, Redis shards, Celery workers and PostgreSQL writes that takes:
 
-    python -m loadtests.capacity --shard shard-0.json --shard shard-4.json \\
+    python -m loadtests.capacity --shard shard-0.json --shard shard-4.json --hub hub-1.json \\
         --connections 1000000 --published 100000 --room-sizes 10,100,1000,10000
 
 Assumptions (each one a flag): every connection is in one room, rooms are the same size and
@@ -20,16 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # docs/BENCHMARKS.md, "Fan-out": one Collab process (one core), 2,000 subscribers in a room.
 DELIVERIES_PER_CORE = 262_000
 # docs/BENCHMARKS.md, "10,000 idle connections": held at ~1% of a core and 22 KB each; the
 # process's default COLLAB_MAX_CONNECTIONS is 10,000.
 CONNECTIONS_PER_PROCESS = 10_000
-# Publishes a hub process takes per second (parse, rate limit, script, sink). Not measured
-# on its own here: a conservative guess, and a flag.
+# Without --hub: a hub process's publishes per core, a guess (measure with --hub).
 PUBLISHES_PER_CORE = 10_000
 # docs/PERSISTENCE.md, "Benchmark": one `collab worker` (2 prefork processes), Redis as the
 # Celery broker, batches of 500, stored to PostgreSQL, median of 5 runs.
@@ -75,6 +79,37 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
         return mean_y, 0.0
     b = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
     return mean_y - b * mean_x, b
+
+
+@dataclass(frozen=True)
+class HubCost:
+    """What one hub process on the broker does per CPU-second of its own, medians over runs."""
+
+    publishes_per_core: float
+    deliveries_per_core: float
+    runs: int
+
+    @classmethod
+    def from_results(cls, results: list[dict[str, Any]]) -> HubCost:
+        cases = [
+            case
+            for result in results
+            for case in result["cases"]
+            if case["target"].endswith("-redis") and case.get("burst") and not case.get("error")
+        ]
+        if not cases:
+            raise SystemExit("--hub: no case of a hub on a broker (fanout.py --broker-url)")
+        fewest = min(case["subscribers"] for case in cases)
+        most = max(case["subscribers"] for case in cases)
+        return cls(
+            publishes_per_core=statistics.median(
+                c["burst"]["messages_per_server_cpu_s"] for c in cases if c["subscribers"] == fewest
+            ),
+            deliveries_per_core=statistics.median(
+                c["burst"]["deliveries_per_server_cpu_s"] for c in cases if c["subscribers"] == most
+            ),
+            runs=sum(1 for c in cases if c["subscribers"] == most),
+        )
 
 
 def nodes_reached(members: int, processes: int) -> float:
@@ -143,12 +178,19 @@ def table(plans: list[Plan]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shard", type=Path, action="append", required=True)
+    parser.add_argument(
+        "--hub",
+        type=Path,
+        action="append",
+        default=[],
+        help="a fanout.py result with a hub on the broker: sets publishes and deliveries per core",
+    )
     parser.add_argument("--connections", type=int, default=1_000_000)
     parser.add_argument("--published", type=float, default=100_000)
     parser.add_argument("--room-sizes", default="10,100,1000,10000")
-    parser.add_argument("--deliveries-per-core", type=float, default=DELIVERIES_PER_CORE)
+    parser.add_argument("--deliveries-per-core", type=float)
     parser.add_argument("--connections-per-process", type=float, default=CONNECTIONS_PER_PROCESS)
-    parser.add_argument("--publishes-per-core", type=float, default=PUBLISHES_PER_CORE)
+    parser.add_argument("--publishes-per-core", type=float)
     parser.add_argument("--stored-per-worker", type=float, default=STORED_PER_WORKER)
     parser.add_argument("--batch", type=float, default=PERSIST_BATCH)
     parser.add_argument(
@@ -156,6 +198,16 @@ def main() -> None:
     )
     args = parser.parse_args()
     shard = ShardCost.fit([json.loads(path.read_text()) for path in args.shard])
+    if args.hub:
+        hub = HubCost.from_results([json.loads(path.read_text()) for path in args.hub])
+        print(
+            f"a hub process on the broker, per CPU-second ({hub.runs} runs): "
+            f"{hub.publishes_per_core:,.0f} publishes, {hub.deliveries_per_core:,.0f} deliveries"
+        )
+        args.publishes_per_core = args.publishes_per_core or hub.publishes_per_core
+        args.deliveries_per_core = args.deliveries_per_core or hub.deliveries_per_core
+    args.publishes_per_core = args.publishes_per_core or PUBLISHES_PER_CORE
+    args.deliveries_per_core = args.deliveries_per_core or DELIVERIES_PER_CORE
     print(
         f"per message on its shard: {shard.cpu_us_base:.1f} us + {shard.cpu_us_per_node:.1f} "
         f"us per subscribed node; {shard.bytes_in:.0f} B in, {shard.bytes_out_base:.0f} B + "

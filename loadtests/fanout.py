@@ -27,8 +27,18 @@ installed with npm into its folder when node is available). Cases are interleave
 every target and size, then run 2, ...), so a noisy neighbour spreads over all of them.
 
     python -m loadtests.fanout compare --subscribers 250,500,1000,2000 --runs 3
+    python -m loadtests.fanout compare --targets collab --subscribers 1,1000 \\
+        --broker-url redis+cluster://127.0.0.1:7100
     python -m loadtests.fanout connections --count 10000 --targets collab,websockets
     python -m loadtests.fanout plot loadtests/results/fanout-*.json --out docs/fanout.png
+
+With `--broker-url` (`redis://`, `redis+cluster://`), Collab runs a second time in each case,
+as a hub node on that broker (`collab-redis`), measured beside the memory one: its cost per
+published message and per delivery in CPU-seconds of the hub process (psutil, by PID), and the
+Redis work per published message on the broker's masters (INFO before and after the burst:
+commands, bytes in and out, CPU), which `loadtests/capacity.py` reads. `--collab-env` sets
+more of Collab's settings for both (say, `COLLAB_CELERY_BROKER_URL=...`, so that the hub hands
+its messages to Celery as in production rather than writing SQLite itself).
 
 The generator measures its own CPU and warns above 90% of a core: then it, not the server, may
 be what limits the figures.
@@ -39,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -82,6 +93,10 @@ class Target:
     path: str
     command: Callable[[int], list[str]]
     needs_token: bool = False
+    # More environment for the server (Collab's settings), as (name, value) pairs.
+    env: tuple[tuple[str, str], ...] = ()
+    # Redis (or Redis Cluster) whose masters' INFO counts the work per published message.
+    redis_info: str | None = None
 
     def available(self) -> str | None:
         """Why this target cannot run here, or None."""
@@ -187,7 +202,7 @@ class Server:
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("COLLAB_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        if self.target.name == "collab":
+        if self.target.needs_token:  # Collab, on whichever broker
             env.update(
                 {
                     "COLLAB_DATABASE_URL": f"sqlite+aiosqlite:///{self.workdir / 'collab.db'}",
@@ -198,6 +213,7 @@ class Server:
                     "COLLAB_RATE_BURST": "1000000",
                     "COLLAB_MAX_CONNECTIONS_PER_USER": str(self.max_connections),
                     "COLLAB_MAX_CONNECTIONS": str(self.max_connections),
+                    **dict(self.target.env),
                 }
             )
         return env
@@ -300,30 +316,32 @@ class Recorder:
         self.members = 0
         self.deliveries = 0
         self.complete = 0  # messages that reached every subscriber
-        self.counts: dict[int, int] = {}
+        self.counts: dict[tuple[int, int], int] = {}  # (publisher, seq) -> deliveries
         self.gaps = 0
         self.last_delivery = 0.0
         self.latencies: list[float] | None = None
         self.progress = asyncio.Event()
         self.waiting = False
 
-    def delivered(self, session: Session, seq: int, sent: float) -> None:
+    def delivered(self, session: Session, source: int, seq: int, sent: float) -> None:
         now = time.monotonic()
         self.deliveries += 1
         self.last_delivery = now
         if self.latencies is not None:
             self.latencies.append(now - sent)
-        if seq != session.last_seq + 1:
+        # In order per publisher (several publishers' messages interleave in any order).
+        if seq != session.seen.get(source, 0) + 1:
             self.gaps += 1
-        session.last_seq = seq
-        count = self.counts.get(seq, 0) + 1
+        session.seen[source] = seq
+        key = (source, seq)
+        count = self.counts.get(key, 0) + 1
         if count >= self.members:
-            self.counts.pop(seq, None)
+            self.counts.pop(key, None)
             self.complete += 1
             if self.waiting:
                 self.progress.set()
         else:
-            self.counts[seq] = count
+            self.counts[key] = count
 
     def wake(self) -> None:
         if self.waiting:
@@ -359,18 +377,24 @@ class Session:
         "acked",
         "dialect",
         "error",
+        "index",
         "last_seq",
         "publisher",
         "ready",
         "recorder",
+        "seen",
         "sent_at",
         "ws",
     )
 
-    def __init__(self, dialect: str, recorder: Recorder, *, publisher: bool = False) -> None:
+    def __init__(
+        self, dialect: str, recorder: Recorder, *, publisher: bool = False, index: int = 0
+    ) -> None:
         self.dialect = dialect
         self.recorder = recorder
         self.publisher = publisher
+        self.index = index  # a publisher's number, in the body of what it publishes
+        self.seen: dict[int, int] = {}  # a subscriber's last seq per publisher
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_seq = 0
         self.ws: WebSocketClient | None = None
@@ -385,14 +409,14 @@ class Session:
             if payload.startswith(_COLLAB_MESSAGE):
                 if not self.publisher:
                     body = orjson.loads(payload)["body"]
-                    self.recorder.delivered(self, body["seq"], body["t"])
+                    self.recorder.delivered(self, body["p"], body["seq"], body["t"])
                 return
             self._collab_control(ws, orjson.loads(payload))
             return
         if payload.startswith(_SIO_MESSAGE):
             if not self.publisher:
                 body = orjson.loads(payload[2:])[1]["body"]
-                self.recorder.delivered(self, body["seq"], body["t"])
+                self.recorder.delivered(self, body["p"], body["seq"], body["t"])
             return
         self._socketio_control(ws, payload)
 
@@ -442,7 +466,7 @@ class Session:
         assert self.ws is not None
         now = time.monotonic()
         self.sent_at[seq] = now
-        body = {"seq": seq, "t": now, "text": "hello"}
+        body = {"seq": seq, "p": self.index, "t": now, "text": "hello"}
         if self.dialect == "collab":
             frame = orjson.dumps({"type": "publish", "id": seq, "room": ROOM, "body": body})
         else:
@@ -452,9 +476,15 @@ class Session:
 
 
 async def open_session(
-    url: str, dialect: str, recorder: Recorder, *, publisher: bool = False, within: float = 30.0
+    url: str,
+    dialect: str,
+    recorder: Recorder,
+    *,
+    publisher: bool = False,
+    index: int = 0,
+    within: float = 30.0,
 ) -> Session:
-    session = Session(dialect, recorder, publisher=publisher)
+    session = Session(dialect, recorder, publisher=publisher, index=index)
     session.ws = await connect(url, session.on_text, within=within)
     try:
         await asyncio.wait_for(asyncio.shield(session.ready), within)
@@ -546,6 +576,7 @@ class Options:
     drain_timeout: float = 15.0
     concurrency: int = 200
     settle: float = 2.0
+    publishers: int = 1
 
 
 @dataclass
@@ -571,7 +602,11 @@ class Phase:
     others_cpu: float = 0.0  # every other process on the machine, in % of one core
     # Deliveries per second of server CPU: less at the mercy of a noisy neighbour.
     deliveries_per_server_cpu_s: int = 0
+    # Published messages per second of server CPU (each also costs its deliveries).
+    messages_per_server_cpu_s: int = 0
     disconnected: int = 0
+    # On the broker's masters, per published message (targets with `redis_info`, burst only).
+    redis: dict[str, float] | None = None
 
 
 @dataclass
@@ -591,45 +626,54 @@ class Case:
 
 
 async def _burst(
-    server: Server, publisher: Session, recorder: Recorder, subs: list[Session], opts: Options
+    server: Server,
+    publishers: list[Session],
+    recorder: Recorder,
+    subs: list[Session],
+    opts: Options,
 ) -> Phase:
+    """As fast as acks come back, from every publisher in turn, `opts.window` unacknowledged
+    publishes in all."""
     phase = Phase()
     meter = CpuMeter(server)
-    first_seq = publisher.last_seq + 1
-    seq = first_seq - 1
+    sent = 0
     start_deliveries, start_gaps = recorder.deliveries, recorder.gaps
-    start_acked, start_complete = publisher.acked, recorder.complete
+    start_complete = recorder.complete
+    start_acked = sum(p.acked for p in publishers)
     started = time.monotonic()
     deadline = started + opts.burst_seconds
     # In messages: enough deliveries in flight to keep any server busy, few enough that every
     # one of them is a fraction of a second of work.
     max_lag = max(2, opts.max_inflight // max(len(subs), 1))
 
-    def may_send() -> bool:
-        unacked = (seq - first_seq + 1) - (publisher.acked - start_acked)
-        behind = (seq - first_seq + 1) - (recorder.complete - start_complete)
-        return unacked < opts.window and behind < max_lag
+    def unacked() -> int:
+        return sent - (sum(p.acked for p in publishers) - start_acked)
 
+    def may_send() -> bool:
+        behind = sent - (recorder.complete - start_complete)
+        return unacked() < opts.window and behind < max_lag
+
+    redis_before = await asyncio.to_thread(_redis_work, server.target.redis_info)
     while time.monotonic() < deadline:
         if not may_send():
-            unacked = (seq - first_seq + 1) - (publisher.acked - start_acked)
-            if unacked < opts.window:
+            if unacked() < opts.window:
                 phase.throttled_by_inflight += 1
             if not await recorder.until(may_send, deadline - time.monotonic()):
                 break
             continue
-        seq += 1
-        publisher.publish(seq)
-        if seq % 16 == 0:
+        publisher = publishers[sent % len(publishers)]
+        publisher.last_seq += 1
+        publisher.publish(publisher.last_seq)
+        sent += 1
+        if sent % 16 == 0:
             await asyncio.sleep(0)  # let replies in between publishes
-    publisher.last_seq = seq
-    phase.published = seq - first_seq + 1
+    phase.published = sent
     await recorder.until(
         lambda: recorder.complete - start_complete >= phase.published, opts.drain_timeout
     )
-    await recorder.until(lambda: publisher.acked - start_acked >= phase.published, 5.0)
+    await recorder.until(lambda: unacked() <= 0, 5.0)
     phase.server_cpu, phase.generator_cpu, phase.others_cpu = meter.read()
-    phase.acked = publisher.acked - start_acked
+    phase.acked = sum(p.acked for p in publishers) - start_acked
     phase.deliveries = recorder.deliveries - start_deliveries
     phase.expected = phase.published * len(subs)
     phase.lost = phase.expected - phase.deliveries
@@ -639,7 +683,27 @@ async def _burst(
     phase.messages_per_s = round(phase.published / phase.seconds, 1)
     phase.disconnected = sum(1 for s in subs if s.ws is None or not s.ws.is_open)
     phase.deliveries_per_server_cpu_s = round(phase.deliveries / max(meter.server_seconds, 1e-9))
+    phase.messages_per_server_cpu_s = round(phase.published / max(meter.server_seconds, 1e-9))
+    redis_after = await asyncio.to_thread(_redis_work, server.target.redis_info)
+    if redis_before is not None and redis_after is not None and phase.published:
+        per = {key: (redis_after[key] - redis_before[key]) / phase.published for key in redis_after}
+        per["cpu_us"] = per.pop("cpu") * 1e6
+        phase.redis = {f"{key}_per_message": round(value, 2) for key, value in per.items()}
     return phase
+
+
+def _redis_work(url: str | None) -> dict[str, float] | None:
+    """What the broker's masters have done so far (INFO), or None without a broker to read."""
+    if url is None:
+        return None
+    from loadtests.bench_redis_shard import masters, snapshot
+
+    shards = masters(url)
+    try:
+        return snapshot(shards)
+    finally:
+        for shard in shards:
+            shard.close()
 
 
 async def _rate(
@@ -697,8 +761,11 @@ async def run_case(
         await server.start()
         recorder = Recorder()
         url = server.url()
-        publisher = await open_session(url, target.dialect, recorder, publisher=True)
-        sessions.append(publisher)
+        publishers = [
+            await open_session(url, target.dialect, recorder, publisher=True, index=i)
+            for i in range(opts.publishers)
+        ]
+        sessions.extend(publishers)
         await asyncio.sleep(opts.settle)
         case.rss_before = server.rss()
         subs, case.failures, case.connect_seconds = await open_many(
@@ -712,8 +779,8 @@ async def run_case(
         case.rss_after = server.rss()
         if subs:
             case.bytes_per_connection = round((case.rss_after - case.rss_before) / len(subs))
-            case.burst = await _burst(server, publisher, recorder, subs, opts)
-            case.rate = await _rate(server, publisher, recorder, subs, opts)
+            case.burst = await _burst(server, publishers, recorder, subs, opts)
+            case.rate = await _rate(server, publishers[0], recorder, subs, opts)
     except Exception as exc:  # one failed case is reported; the others still run
         case.error = f"{type(exc).__name__}: {exc!r}"
         print(f"  {target.name}: {case.error}\n{server.log_tail()}", file=sys.stderr)
@@ -877,6 +944,9 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]
             "deliveries_per_s": pick("burst", "deliveries_per_s"),
             "deliveries_per_cpu_s": median(
                 [r["burst"].get("deliveries_per_server_cpu_s") or None for r in ok]
+            ),
+            "messages_per_cpu_s": median(
+                [r["burst"].get("messages_per_server_cpu_s") or None for r in ok]
             ),
             "messages_per_s": pick("burst", "messages_per_s"),
             "burst_server_cpu": pick("burst", "server_cpu"),
@@ -1164,8 +1234,34 @@ def _write(out: Path, payload: dict[str, Any]) -> None:
     out.write_text(json.dumps(payload, indent=1))
 
 
+def _with_broker(targets: list[Target], args: argparse.Namespace) -> list[Target]:
+    """Collab's settings from `--collab-env` for every Collab target, and with `--broker-url`
+    a second Collab target on that broker, right after the first."""
+    extra = tuple(tuple(item.split("=", 1)) for item in args.collab_env)
+    if any(len(pair) != 2 for pair in extra):
+        raise SystemExit("--collab-env takes NAME=VALUE")
+    chosen: list[Target] = []
+    for target in targets:
+        if not target.needs_token:
+            chosen.append(target)
+            continue
+        chosen.append(dataclasses.replace(target, env=target.env + extra))
+        if args.broker_url:
+            scheme = args.broker_url.split("://", 1)[0]
+            chosen.append(
+                dataclasses.replace(
+                    target,
+                    name=f"{target.name}-redis",
+                    label=f"{target.label} on {scheme}",
+                    env=(*extra, ("COLLAB_BROKER_URL", args.broker_url)),
+                    redis_info=args.broker_url,
+                )
+            )
+    return chosen
+
+
 async def compare(args: argparse.Namespace) -> Path:
-    targets = _targets(args.targets)
+    targets = _with_broker(_targets(args.targets), args)
     sizes = [int(s) for s in args.subscribers.split(",") if s.strip()]
     opts = Options(
         window=args.window,
@@ -1176,6 +1272,7 @@ async def compare(args: argparse.Namespace) -> Path:
         drain_timeout=args.drain_timeout,
         concurrency=args.concurrency,
         settle=args.settle,
+        publishers=args.publishers,
     )
     _raise_fd_limit(max(sizes) + 100)
     out = Path(args.out or RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -1221,8 +1318,10 @@ def _report_case(case: Case) -> None:
             f"{latency}, lost {phase.lost}, gaps {phase.gaps},"
             f" CPU: server {phase.server_cpu:.0f}%, generator {phase.generator_cpu:.0f}%,"
             f" others {phase.others_cpu:.0f}%; {phase.deliveries_per_server_cpu_s:,} deliveries"
-            " per server CPU-second"
+            f" and {phase.messages_per_server_cpu_s:,} messages per server CPU-second"
         )
+        if phase.redis is not None:
+            print(f"  Redis per published message: {phase.redis}")
         _warn_generator(phase.generator_cpu, f"the {name} phase")
 
 
@@ -1282,6 +1381,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--runs", type=int, default=3, help="runs of every case (medians reported)")
     c.add_argument("--window", type=int, default=256, help="unacknowledged publishes at most")
     c.add_argument(
+        "--publishers",
+        type=int,
+        default=1,
+        help="publishing connections in the burst phase (a connection's commands run one "
+        "after another on the server, so one publisher measures latency, several the cost)",
+    )
+    c.add_argument(
         "--max-inflight",
         type=int,
         default=131072,
@@ -1293,6 +1399,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--drain-timeout", type=float, default=15.0)
     c.add_argument("--concurrency", type=int, default=200, help="handshakes in flight")
     c.add_argument("--settle", type=float, default=2.0, help="seconds before reading RSS")
+    c.add_argument(
+        "--broker-url",
+        help="also run Collab as a hub node on this broker (redis://, redis+cluster://)",
+    )
+    c.add_argument(
+        "--collab-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every Collab server (repeatable)",
+    )
     c.add_argument("--out", help="results JSON (default loadtests/results/fanout-<time>.json)")
     c.add_argument("--plot", help="also write the plot to this PNG")
 

@@ -19,7 +19,17 @@ from websockets.exceptions import ConnectionClosed
 from realtime.broker import Broker, BrokerUnavailable, Publication, PublishResult
 from realtime.broker_redis import RedisBroker
 from realtime.types import new_msg_id
+from tests.processes import ServerProcess
 from tests.redis_cluster import RedisClusterProcesses
+from tests.test_cluster_e2e import (
+    PRESENCE_TIMEOUT,
+    join_on,
+    presence_of,
+    start_nodes,
+    stop_nodes,
+    stored_msg_ids,
+)
+from tests.wsclient import Client, Frame, guest, guest_token
 
 pytestmark = pytest.mark.redis_cluster
 
@@ -94,13 +104,14 @@ async def nodes(redis_cluster_url: str) -> AsyncIterator[list[tuple[RedisBroker,
         await broker.close()
 
 
-def rooms_on_every_shard(cluster: RedisClusterProcesses) -> dict[int, str]:
-    """A room per master: room names drawn until every master owns one."""
+def rooms_on_every_shard(
+    cluster: RedisClusterProcesses, channel: Callable[[str], str] = str
+) -> dict[int, str]:
+    """A room per master (its port): names drawn until every master owns one's `channel`."""
     found: dict[int, str] = {}
-    masters = {cluster.master_of(pubsub_key(f"room:probe{i}")) for i in range(64)}
-    while len(found) < len(masters):
-        room = f"room:c{uuid.uuid4().hex[:8]}"
-        found.setdefault(cluster.master_of(pubsub_key(room)), room)
+    while len(found) < cluster.masters:
+        name = f"rc-{uuid.uuid4().hex[:8]}"
+        found.setdefault(cluster.master_of(pubsub_key(channel(name))), name)
     return found
 
 
@@ -201,58 +212,237 @@ async def test_a_killed_master_fails_over_to_a_new_epoch_and_the_room_works_agai
         await subscriber.close()
 
 
+@pytest.fixture(scope="module")
+def hub_processes(
+    redis_cluster: RedisClusterProcesses,
+    tmp_path_factory: pytest.TempPathFactory,
+    sqlite_template: Path,
+) -> Iterator[list[ServerProcess]]:
+    """Three `collab serve` processes on the session's cluster, started once for the module
+    (a start costs seconds). Tests keep apart by their random room names."""
+    folder = tmp_path_factory.mktemp("hubs")
+    nodes = start_nodes(folder, sqlite_template, redis_cluster.url, ["ha", "hb", "hc"])
+    try:
+        yield nodes
+    finally:
+        stop_nodes(nodes)
+
+
+@pytest.fixture
+def hubs(hub_processes: list[ServerProcess]) -> list[ServerProcess]:
+    """The module's three hub nodes, any that an earlier test killed started again."""
+    for node in hub_processes:
+        if node.process is None or node.process.poll() is not None:
+            node.start()
+    return hub_processes
+
+
 async def test_two_hub_nodes_on_the_cluster_share_rooms_and_presence(
-    redis_cluster_url: str, tmp_path: Path, sqlite_template: Path
+    hubs: list[ServerProcess],
 ) -> None:
     """Two `collab serve` processes on the Redis Cluster (COLLAB_BROKER_URL=redis+cluster://):
     in rooms on different shards, members on both nodes get every message of both nodes'
     publishers in one offset order, each sees the other node's member present, and a member
     who switches node recovers exactly what he missed."""
-    from tests.test_cluster_e2e import join_on, presence_of, start_nodes, stop_nodes
-    from tests.wsclient import Client, Frame, guest
+    nodes = hubs[:2]
+    rooms = [f"rc-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    (ann_token, ann_id), (bob_token, bob_id) = (
+        guest(nodes[0].url, "ann"),
+        guest(nodes[1].url, "bob"),
+    )
+    for room in rooms:
+        ann, _ = await join_on(nodes[0], ann_token, room)
+        bob, _ = await join_on(nodes[1], bob_token, room)
 
-    nodes = start_nodes(tmp_path, sqlite_template, redis_cluster_url, ["a", "b"])
-    try:
-        rooms = [f"rc-{uuid.uuid4().hex[:8]}" for _ in range(3)]
-        (ann_token, ann_id), (bob_token, bob_id) = (
-            guest(nodes[0].url, "ann"),
-            guest(nodes[1].url, "bob"),
-        )
-        for room in rooms:
-            ann, _ = await join_on(nodes[0], ann_token, room)
-            bob, _ = await join_on(nodes[1], bob_token, room)
-
-            async def send(client: Client, room: str = room) -> list[Frame]:
-                # One reader per WebSocket: each client's requests one after another.
-                return [
-                    await client.request({"type": "publish", "room": room, "body": {"n": n}})
-                    for n in range(10)
-                ]
-
-            acks = [ack for per in await asyncio.gather(send(ann), send(bob)) for ack in per]
-            assert sorted(a["offset"] for a in acks) == list(range(1, 21))
-            for member in (ann, bob):
-                got = await member.messages(room, 20, timeout=10)
-                assert [m["offset"] for m in got] == list(range(1, 21))
-                assert {m["msg_id"] for m in got} == {a["msg_id"] for a in acks}
-            assert await presence_of(ann, room) == {ann_id: 1, bob_id: 1}
-            # Bob switches node while ann keeps writing: his recovery on node a has exactly
-            # what he missed, from the window on the room's shard.
-            epoch = got[-1]["epoch"]
-            await bob.close()
-            missed = [
-                await ann.request({"type": "publish", "room": room, "body": {"m": n}})
-                for n in range(3)
+        async def send(client: Client, room: str = room) -> list[Frame]:
+            # One reader per WebSocket: each client's requests one after another.
+            return [
+                await client.request({"type": "publish", "room": room, "body": {"n": n}})
+                for n in range(10)
             ]
-            bob, joined = await join_on(
-                nodes[0], bob_token, room, since={"epoch": epoch, "offset": 20}
-            )
-            assert joined["recovered"] is True
-            assert [m["msg_id"] for m in joined["missed"]] == [a["msg_id"] for a in missed]
-            await ann.close()
-            await bob.close()
-    finally:
-        stop_nodes(nodes)
+
+        acks = [ack for per in await asyncio.gather(send(ann), send(bob)) for ack in per]
+        assert sorted(a["offset"] for a in acks) == list(range(1, 21))
+        for member in (ann, bob):
+            got = await member.messages(room, 20, timeout=10)
+            assert [m["offset"] for m in got] == list(range(1, 21))
+            assert {m["msg_id"] for m in got} == {a["msg_id"] for a in acks}
+        assert await presence_of(ann, room) == {ann_id: 1, bob_id: 1}
+        # Bob switches node while ann keeps writing: his recovery on node a has exactly
+        # what he missed, from the window on the room's shard.
+        epoch = got[-1]["epoch"]
+        await bob.close()
+        missed = [
+            await ann.request({"type": "publish", "room": room, "body": {"m": n}}) for n in range(3)
+        ]
+        bob, joined = await join_on(nodes[0], bob_token, room, since={"epoch": epoch, "offset": 20})
+        assert joined["recovered"] is True
+        assert [m["msg_id"] for m in joined["missed"]] == [a["msg_id"] for a in missed]
+        await ann.close()
+        await bob.close()
+
+
+# --- three hub nodes ---------------------------------------------------------------------------
+
+
+def hub_channel(room: str) -> str:
+    """The broker channel of a hub room."""
+    return f"room:{room}"
+
+
+def shard_channels(cluster: RedisClusterProcesses, rooms: list[str]) -> dict[int, set[str]]:
+    """Which of `rooms` have a sharded subscriber, per node of the cluster (masters and
+    replicas alike: a subscription left on any of them is a leak)."""
+    ours = {pubsub_key(hub_channel(room)): room for room in rooms}
+    found: dict[int, set[str]] = {}
+    for port in cluster.processes:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+        try:
+            names = client.execute_command("PUBSUB", "SHARDCHANNELS", "collab:*")
+        finally:
+            client.close()
+        subscribed = {ours[name.decode()] for name in names if name.decode() in ours}
+        if subscribed:
+            found[port] = subscribed
+    return found
+
+
+async def joined_everywhere(node: ServerProcess, token: str, rooms: list[str]) -> Client:
+    """A new connection to `node`, a member of every room."""
+    client = await Client.connect(node.ws_url, token)
+    for room in rooms:
+        reply = await client.request({"type": "join", "room": room})
+        assert reply["type"] == "joined", reply
+    return client
+
+
+async def test_three_hub_nodes_deliver_every_shards_rooms_once_in_one_order(
+    redis_cluster: RedisClusterProcesses, hubs: list[ServerProcess]
+) -> None:
+    """A room on every master; on each of three nodes a listener and a publisher in all of
+    them; the three publishers send into every room at once, without waiting for acks. Every
+    client on every node gets each room's messages once, offsets 1..N without a gap, in the
+    same order (the offsets the acks named), each publisher's in the order it sent them; and
+    each node holds one subscription per room, on the room's master."""
+    by_master = rooms_on_every_shard(redis_cluster, hub_channel)
+    rooms = list(by_master.values())
+    listeners, publishers = [], []
+    for i, node in enumerate(hubs):
+        listeners.append(await joined_everywhere(node, guest_token(node.url, f"l{i}"), rooms))
+        publishers.append(await joined_everywhere(node, guest_token(node.url, f"p{i}"), rooms))
+    for port, room in by_master.items():
+        assert shard_subscriptions(port, hub_channel(room)) == len(hubs)
+    per_room = 15
+
+    async def send_all(index: int) -> list[Frame]:
+        client = publishers[index]
+        sends = [
+            (f"p{index}-{n}-{r}", room, n) for n in range(per_room) for r, room in enumerate(rooms)
+        ]
+        for command_id, room, n in sends:
+            body = {"p": index, "n": n}
+            await client.send({"type": "publish", "id": command_id, "room": room, "body": body})
+        return [await client.wait_for(lambda f, c=c: f.get("id") == c, 20) for c, _, _ in sends]
+
+    acks = [a for per in await asyncio.gather(*map(send_all, range(len(hubs)))) for a in per]
+    assert {a["type"] for a in acks} == {"ack"}, [a for a in acks if a["type"] != "ack"][:3]
+    total = per_room * len(publishers)
+    for room in rooms:
+        acked = {a["offset"]: a["msg_id"] for a in acks if a["room"] == room}
+        assert sorted(acked) == list(range(1, total + 1)), "acks name every offset once"
+        for member in listeners + publishers:
+            got = await member.messages(room, total, timeout=20)
+            assert [m["offset"] for m in got] == list(range(1, total + 1))
+            assert {m["offset"]: m["msg_id"] for m in got} == acked
+            assert len({m["epoch"] for m in got}) == 1
+            for index in range(len(publishers)):
+                sent = [m["body"]["n"] for m in got if m["body"]["p"] == index]
+                assert sent == list(range(per_room))
+    # Nothing more comes: no duplicate arrives late.
+    for member in listeners + publishers:
+        assert await member.no_frame(lambda f: f.get("type") == "message", wait=0.2)
+
+
+async def test_a_client_that_switches_node_twice_recovers_exactly_what_it_missed(
+    redis_cluster: RedisClusterProcesses, hubs: list[ServerProcess]
+) -> None:
+    """In a room on every shard: ann reads up to offset k on node a and goes; bob publishes on
+    node b; ann comes back on node c with her last position and gets exactly the messages she
+    missed (as a live member got them) with `recovered: true`, then live ones, no duplicate."""
+    a, b, c = hubs
+    ann_token, bob_token = guest_token(a.url, "ann"), guest_token(b.url, "bob")
+    for room in rooms_on_every_shard(redis_cluster, hub_channel).values():
+        bob = await joined_everywhere(b, bob_token, [room])
+        ann = await joined_everywhere(a, ann_token, [room])
+
+        async def publish_on_b(count: int, room: str = room, bob: Client = bob) -> list[Frame]:
+            acks = [
+                await bob.request({"type": "publish", "room": room, "body": {"n": n}})
+                for n in range(count)
+            ]
+            assert {ack["type"] for ack in acks} == {"ack"}, acks
+            return await bob.messages(room, count)
+
+        await publish_on_b(3)
+        read = await ann.messages(room, 3)
+        epoch, last = read[-1]["epoch"], read[-1]["offset"]
+        await ann.close()
+        missed = await publish_on_b(4)
+        ann, joined = await join_on(c, ann_token, room, since={"epoch": epoch, "offset": last})
+        assert joined["recovered"] is True
+        assert joined["epoch"] == epoch and joined["offset"] == last + 4
+        assert joined["missed"] == missed
+        (live,) = await publish_on_b(1)
+        assert await ann.event("message", room=room) == live
+        assert await ann.no_frame(lambda f: f.get("type") == "message", wait=0.2)
+
+
+async def test_join_leave_cycles_on_three_nodes_leave_no_subscription_on_any_shard(
+    redis_cluster: RedisClusterProcesses, hubs: list[ServerProcess]
+) -> None:
+    """1,000 join/leave cycles, a third on each node at once, over a room on every master,
+    while one member stays in one of them: afterwards the cluster (every master and replica,
+    `PUBSUB SHARDCHANNELS`) holds exactly the stayer's node's subscription, and none once he
+    leaves too; presence holds only him, then nobody."""
+    by_master = rooms_on_every_shard(redis_cluster, hub_channel)
+    rooms = list(by_master.values())
+    kept = rooms[0]
+    stayer_token, stayer_id = guest(hubs[0].url, "stayer")
+    stayer = await joined_everywhere(hubs[0], stayer_token, [kept])
+
+    async def cycle(index: int, cycles: int, batch: int = 50) -> None:
+        node = hubs[index]
+        client = await Client.connect(node.ws_url, guest_token(node.url, f"cycler{index}"))
+        client.check_frames = False  # thousands of replies: the schema is checked elsewhere
+        # Pipelined, a batch of cycles at a time: a connection's commands run one after
+        # another on the node, in the order sent, so each leave follows its join.
+        for first in range(0, cycles, batch):
+            commands = []
+            for n in range(first, min(first + batch, cycles)):
+                room = rooms[(n + index) % len(rooms)]
+                commands.append(
+                    {"type": "join", "id": f"j{n}", "room": room, "presence_events": False}
+                )
+                commands.append({"type": "leave", "id": f"l{n}", "room": room})
+            for command in commands:
+                await client.send(command)
+            for command in commands:
+                reply = await client.wait_for(lambda f, c=command["id"]: f.get("id") == c)
+                assert reply["type"] == {"join": "joined", "leave": "left"}[command["type"]]
+        await client.close()
+
+    await asyncio.gather(*(cycle(i, 334) for i in range(len(hubs))))  # 1,002 cycles
+    kept_master = redis_cluster.master_of(pubsub_key(hub_channel(kept)))
+    await eventually(
+        lambda: shard_channels(redis_cluster, rooms) == {kept_master: {kept}},
+        10,
+        "only the stayer's room subscribed",
+    )
+    assert shard_subscriptions(kept_master, hub_channel(kept)) == 1  # his node's, once
+    assert await presence_of(stayer, kept) == {stayer_id: 1}
+    assert (await stayer.request({"type": "leave", "room": kept}))["type"] == "left"
+    await eventually(lambda: shard_channels(redis_cluster, rooms) == {}, 10, "no subscription")
+    assert await presence_of(stayer, kept) == {}
 
 
 async def test_a_cluster_nobody_answers_means_unavailable_everywhere() -> None:
@@ -295,9 +485,6 @@ async def test_clients_through_a_master_failover_get_every_ack_or_recovered_fals
     the switch answer `unavailable`; then the room works again in a new epoch; its members are
     told to reconnect (1011) and their recovery says `recovered: false`; the database holds
     every acknowledged message once."""
-    from tests.test_cluster_e2e import join_on, start_nodes, stop_nodes, stored_msg_ids
-    from tests.wsclient import guest
-
     a, b = start_nodes(tmp_path, sqlite_template, own_cluster.url, ["fa", "fb"])
     try:
         room = f"rf-{uuid.uuid4().hex[:8]}"
@@ -357,3 +544,60 @@ async def test_clients_through_a_master_failover_get_every_ack_or_recovered_fals
         assert set(acked) <= stored and len(acked) == len(set(acked)) >= 6
     finally:
         stop_nodes([a, b])
+
+
+def presence_leave_of(user_id: str, room: str) -> Callable[[Frame], bool]:
+    return lambda f: (
+        f.get("type") == "presence_diff"
+        and f["room"] == room
+        and user_id in {entry["user"]["id"] for entry in f["leaves"]}
+    )
+
+
+async def test_a_killed_hub_nodes_users_leave_presence_on_the_other_two(
+    redis_cluster: RedisClusterProcesses, hubs: list[ServerProcess]
+) -> None:
+    """Ann, bob and carol, each on a node of their own, in a room on every shard: each sees
+    the three present. Carol's node is SIGKILLed (it never says goodbye): within the presence
+    timeout ann and bob, on the other nodes, are told she left (`presence_diff` with her in
+    `leaves`, 0 connections) in every room, presence no longer has her, and the rooms work on.
+    (The fixture starts the killed node again for any test that runs after this one.)"""
+    a, b, c = hubs
+    rooms = list(rooms_on_every_shard(redis_cluster, hub_channel).values())
+    (ann_token, ann_id), (bob_token, bob_id), (carol_token, carol_id) = (
+        guest(node.url, name) for node, name in zip(hubs, ["ann", "bob", "carol"], strict=True)
+    )
+    ann = await joined_everywhere(a, ann_token, rooms)
+    bob = await joined_everywhere(b, bob_token, rooms)
+    await joined_everywhere(c, carol_token, rooms)
+    for room in rooms:
+        for member in (ann, bob):
+            assert await presence_of(member, room) == {ann_id: 1, bob_id: 1, carol_id: 1}
+
+    c.kill()  # SIGKILL, by its PID
+    killed = time.monotonic()
+    for room in rooms:
+        for member in (ann, bob):
+            leave = await member.wait_for(
+                presence_leave_of(carol_id, room), timeout=PRESENCE_TIMEOUT + 4
+            )
+            assert {"user": {"id": carol_id, "name": "carol"}, "connections": 0} in leave["leaves"]
+            assert carol_id not in {entry["user"]["id"] for entry in leave["joins"]}
+    print(
+        f"carol's leave reached both nodes in every room {time.monotonic() - killed:.1f}s"
+        f" after the kill (presence timeout {PRESENCE_TIMEOUT}s)"
+    )
+    for room in rooms:
+        for member in (ann, bob):
+            assert await presence_of(member, room) == {ann_id: 1, bob_id: 1}
+        ack = await ann.request({"type": "publish", "room": room, "body": {"after": "kill"}})
+        assert ack["type"] == "ack", ack
+        for member in (ann, bob):
+            assert (await member.event("message", room=room))["offset"] == ack["offset"]
+    gone = {
+        entry["user"]["id"]
+        for frame in ann.frames + bob.frames
+        if frame.get("type") == "presence_diff"
+        for entry in frame["leaves"]
+    }
+    assert gone == {carol_id}, "the living were never announced as gone"
