@@ -12,7 +12,8 @@ import pytest
 
 from tests.processes import ServerProcess, server_env
 
-pytestmark = pytest.mark.slow
+# Some 40 examples for every operation: about a minute here, several on a busy machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_schemathesis_finds_no_server_error(server: ServerProcess, tmp_path: Pat
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=400,
         check=False,
         cwd=tmp_path,  # its cache of crashes stays out of the work tree
     )
