@@ -25,6 +25,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 
 from realtime.backends import backend_kind, is_shared
+from realtime.redis_tls import split_tls
 
 MAX_TRACKED = 10_000
 
@@ -87,7 +88,8 @@ class LoginFailureLimiter:
         if backend_kind(broker_url) == "redis_cluster":
             from limits.aio.storage import RedisClusterStorage
 
-            scheme, _, rest = broker_url.partition("://")
+            url, tls = split_tls(broker_url)
+            scheme, _, rest = url.partition("://")
             cluster_storage = RedisClusterStorage(
                 f"async+redis+cluster://{rest}",
                 wrap_exceptions=True,
@@ -96,6 +98,7 @@ class LoginFailureLimiter:
                 socket_timeout=5,
                 socket_connect_timeout=5,
                 ssl=scheme == "rediss+cluster",
+                **tls,
             )
             bridge: Any = cluster_storage.bridge  # limits' redis-py bridge, untyped
             self._cluster = bridge.storage  # its redis-py cluster client, closed with us
@@ -106,15 +109,17 @@ class LoginFailureLimiter:
             # Our own pool, so the connections close with the app, and a hung Redis answers
             # 503 within seconds instead of holding sign-ins.
             # Blocking: a crowd signing in at once waits for a connection rather than failing.
+            url, tls = split_tls(broker_url)
             self._pool = redis.BlockingConnectionPool.from_url(
-                broker_url,
+                url,
+                **tls,
                 socket_timeout=5,
                 socket_connect_timeout=5,
                 max_connections=64,
                 timeout=5,
             )
             self.storage = RedisStorage(
-                _limits_uri(broker_url),
+                _limits_uri(url),
                 wrap_exceptions=True,
                 implementation="redispy",
                 key_prefix="collab",

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from realtime.backends import backend_kind, is_shared
 from realtime.protocol import NAME_PATTERN
+from realtime.redis_tls import split_tls
 
 # Values that appear in docs and examples; a production server must never run on one.
 KNOWN_DEFAULT_SECRETS = frozenset(
@@ -209,6 +210,7 @@ class Settings(BaseSettings):
     @classmethod
     def _known_broker(cls, value: str) -> str:
         backend_kind(value)  # the one table of schemes; raises naming them
+        split_tls(value)  # raises naming a TLS option that is wrong or unknown
         return value
 
     @field_validator("database_url")

@@ -518,6 +518,7 @@ class RedisBroker(Broker):
 
         self._handler: BrokerHandler | None = None
         self._started = False
+        self._refresh_failing = False  # the cluster watcher's last slot map refresh failed
         self._closed = False
         # Single Redis: one listener. Cluster: one per master (by node name), and where each
         # wanted channel is subscribed.
@@ -574,8 +575,13 @@ class RedisBroker(Broker):
             listener.start()
             await listener.first_attempt.wait()
             return
-        with contextlib.suppress(*_UNAVAILABLE, RedisClusterException):
+        try:
             await self._cluster.initialize()
+        except _NO_ROUTE as exc:
+            # Unready until the watcher reaches the cluster; the reason (a node down, a
+            # certificate that does not verify) is for the operator to read now.
+            log.warning("Redis Cluster not reachable (%s); retrying", exc)
+            self._refresh_failing = True
         self._watcher = asyncio.create_task(self._watch(), name="collab-redis-cluster-watcher")
 
     async def close(self) -> None:
@@ -708,7 +714,12 @@ class RedisBroker(Broker):
             try:
                 await self._reroute()
             except Exception as exc:  # the next round tries again; a failover takes seconds
-                log.debug("Redis Cluster topology refresh failed: %s", exc)
+                # One warning per run of failures; the retries of a long one would flood.
+                level = logging.DEBUG if self._refresh_failing else logging.WARNING
+                log.log(level, "Redis Cluster topology refresh failed (%s); retrying", exc)
+                self._refresh_failing = True
+            else:
+                self._refresh_failing = False
 
     async def _reroute(self) -> None:
         assert self._cluster is not None

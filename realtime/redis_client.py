@@ -18,7 +18,7 @@ import asyncio
 import re
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -32,6 +32,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from realtime.redis_tls import split_tls
 
 # A Redis, or a Redis Cluster: the commands the backends use exist on both.
 AnyRedis = aioredis.Redis | RedisCluster
@@ -57,7 +59,9 @@ POOL_WAIT = 10.0
 
 
 def redis_client(url: str, *, timeout: float, client_name: str = "") -> aioredis.Redis:
+    url, tls = split_tls(url)
     options: dict[str, Any] = {
+        **tls,
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
@@ -112,6 +116,7 @@ def redis_cluster_client(url: str, *, timeout: float, client_name: str = "") -> 
     """A Redis Cluster client: follows MOVED and ASK (a redirection means the command did not
     run, so following it is no retry) and refreshes its slot map after a connection error,
     but never runs a command twice after a connection error."""
+    url, tls = split_tls(url)
     parts = urlsplit(url)
     options: dict[str, Any] = {
         "socket_timeout": timeout,
@@ -120,11 +125,12 @@ def redis_cluster_client(url: str, *, timeout: float, client_name: str = "") -> 
         "protocol": 2,
         "max_connections": MAX_CONNECTIONS,
         "ssl": parts.scheme == "rediss+cluster",
+        **tls,
     }
     if parts.username:
-        options["username"] = parts.username
+        options["username"] = unquote(parts.username)
     if parts.password:
-        options["password"] = parts.password
+        options["password"] = unquote(parts.password)
     if client_name:
         options["client_name"] = re.sub(r"[^!-~]", "_", client_name)
     nodes = [ClusterNode(host, port) for host, port in cluster_seeds(url)]

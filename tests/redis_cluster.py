@@ -1,28 +1,37 @@
 """A Redis Cluster of the tests' own: three masters with a replica each, on loopback ports
-7100-7199 (their cluster bus on the port + 10000), stopped by PID afterwards.
+7100-7199 (their cluster bus on the port + 10000; COLLAB_TEST_CLUSTER_PORTS=7300-7399 moves
+them, for runs side by side), stopped by PID afterwards.
 
 `redis-server --cluster-enabled yes` six times, then `redis-cli --cluster create ...
 --cluster-replicas 1`; the cluster is ready when every node says `cluster_state:ok`. One
 cluster serves a whole test session (creating one takes a few seconds); tests keep apart by
 their random channel names, and `flush()` empties it between tests that want that.
+
+With `tls=ClusterTls.make(folder)` the nodes speak TLS only (`--port 0 --tls-port P`), on the
+cluster bus and for replication too, and ask every client for a certificate of the test's CA
+(Redis's default, `tls-auth-clients yes`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
+from tests.certificates import CertificateAuthority, Issued
 from tests.processes import require_redis_server
 from tests.services import IN_CI
 
-PORTS = range(7100, 7200)
+_FIRST, _, _LAST = os.environ.get("COLLAB_TEST_CLUSTER_PORTS", "7100-7199").partition("-")
+PORTS = range(int(_FIRST), int(_LAST) + 1)
 NODE_TIMEOUT_MS = 2000  # how long a silent master has before its replica takes over
 
 
@@ -36,28 +45,75 @@ def _free(port: int) -> bool:
 
 
 def free_cluster_ports(count: int) -> list[int]:
-    """`count` ports of 7100-7199 whose cluster bus port (+10000) is free as well."""
+    """`count` ports of PORTS whose cluster bus port (+10000) is free as well."""
     found = [p for p in PORTS if _free(p) and _free(p + 10000)][:count]
     if len(found) < count:
-        pytest.fail(f"fewer than {count} free ports in 7100-7199 for a Redis Cluster")
+        pytest.fail(f"fewer than {count} free ports in {PORTS} for a Redis Cluster")
     return found
+
+
+@dataclass(frozen=True)
+class ClusterTls:
+    """A TLS cluster's files: the CA its clients trust, the certificate its nodes serve and
+    present to each other (for 127.0.0.1, the address they announce), and a client's."""
+
+    authority: CertificateAuthority
+    node: Issued
+    client: Issued
+
+    @classmethod
+    def make(cls, folder: Path) -> ClusterTls:
+        ca = CertificateAuthority(folder)
+        node = ca.issue("redis-node", ips=("127.0.0.1",))
+        return cls(ca, node, ca.issue("collab-client", server=False))
+
+    @property
+    def ca(self) -> Path:
+        return self.authority.cert
+
+    def server_args(self) -> list[str]:
+        return ["--tls-cluster", "yes", "--tls-replication", "yes",
+                "--tls-cert-file", str(self.node.cert), "--tls-key-file", str(self.node.key),
+                "--tls-ca-cert-file", str(self.ca)]  # fmt: skip
+
+    def cli_args(self) -> list[str]:
+        return ["--tls", "--cacert", str(self.ca),
+                "--cert", str(self.node.cert), "--key", str(self.node.key)]  # fmt: skip
+
+    def client_options(self) -> dict[str, Any]:
+        """redis-py's keyword arguments (and the URL's query) for a client of the cluster."""
+        return {
+            "ssl_ca_certs": str(self.ca),
+            "ssl_certfile": str(self.client.cert),
+            "ssl_keyfile": str(self.client.key),
+        }
 
 
 @dataclass
 class RedisClusterProcesses:
     workdir: Path
     masters: int = 3
+    replicas: int = 1  # per master
+    tls: ClusterTls | None = None
     ports: list[int] = field(default_factory=list)
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _clients: dict[int, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
-        """`redis+cluster://` with every node as a seed (any one would do)."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        """`redis+cluster://` (`rediss+cluster://` with the client's TLS files) with every node
+        as a seed (any one would do)."""
+        seeds = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        if self.tls is None:
+            return f"redis+cluster://{seeds}"
+        return f"rediss+cluster://{seeds}?{urlencode(self.tls.client_options(), safe='/')}"
 
     def start_node(self, port: int) -> None:
+        listen = ["--port", str(port)]
+        if self.tls is not None:
+            listen = ["--port", "0", "--tls-port", str(port), *self.tls.server_args()]
         self.processes[port] = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            ["redis-server", *listen, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir), "--cluster-enabled", "yes",
              "--cluster-config-file", f"nodes-{port}.conf",
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS)],
@@ -73,7 +129,7 @@ class RedisClusterProcesses:
             if IN_CI:
                 pytest.fail(f"{message}; CI must provide it")
             pytest.skip(message)
-        self.ports = free_cluster_ports(self.masters * 2)
+        self.ports = free_cluster_ports(self.masters * (1 + self.replicas))
         for port in self.ports:
             self.start_node(port)
         deadline = time.monotonic() + timeout
@@ -84,8 +140,9 @@ class RedisClusterProcesses:
                     pytest.fail(f"redis-server on {port} did not start")
                 time.sleep(0.02)
         created = subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-             "--cluster-replicas", "1", "--cluster-yes"],
+            ["redis-cli", *(self.tls.cli_args() if self.tls else []),
+             "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             capture_output=True,
             timeout=timeout,
             check=False,
@@ -101,74 +158,73 @@ class RedisClusterProcesses:
                 pytest.fail("the Redis Cluster did not reach cluster_state:ok")
             time.sleep(0.05)
 
-    def _answers(self, port: int) -> bool:
+    def client_options(self) -> dict[str, Any]:
+        """redis-py's keyword arguments to reach a node: TLS with the client's files, if any."""
+        if self.tls is None:
+            return {}
+        return {"ssl": True, **self.tls.client_options()}
+
+    def node_client(self, port: int, **options: Any) -> Any:
+        """A new plain redis-py client of one node (not following the cluster); close it."""
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+        options = {"socket_timeout": 1, **self.client_options(), **options}
+        return redis.Redis(host="127.0.0.1", port=port, **options)
+
+    def _node(self, port: int) -> Any:
+        """This helper's own client of a node, kept: redis-py builds a TLS context (loading
+        the system's CA store) for every new connection, a tenth of a second on a busy
+        machine, too slow for loops that poll every node."""
+        client = self._clients.get(port)
+        if client is None:
+            client = self._clients[port] = self.node_client(port)
+        return client
+
+    def _ask(self, port: int, *command: Any) -> Any:
+        """A command's reply from one node; None when it does not answer."""
+        import redis
+
         try:
-            return bool(client.ping())
+            return self._node(port).execute_command(*command)
         except redis.RedisError:
-            return False
-        finally:
-            client.close()
+            return None
+
+    def _answers(self, port: int) -> bool:
+        return bool(self._ask(port, "PING"))
 
     def state_ok(self, port: int) -> bool:
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-        try:
-            info = client.execute_command("CLUSTER", "INFO")
-            text = info.decode() if isinstance(info, bytes) else str(info)
-            return "cluster_state:ok" in text
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
+        info = self._ask(port, "CLUSTER", "INFO")
+        return info is not None and b"cluster_state:ok" in info
 
     def synced(self, port: int) -> bool:
         """A master, or a replica whose link to its master is up."""
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-        try:
-            info = client.info("replication")
-            return info.get("role") == "master" or info.get("master_link_status") == "up"
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
+        info = self._ask(port, "INFO", "replication") or {}
+        return info.get("role") == "master" or info.get("master_link_status") == "up"
 
     def master_of(self, key: str) -> int:
-        """The port of the master that owns `key`'s slot now."""
-        import redis
-        from redis.cluster import RedisCluster
+        """The port of the master that owns `key`'s slot now, as the first node that answers
+        sees it."""
+        from redis.crc import key_slot
 
-        for port in self.ports:
-            if port not in self.processes:
-                continue
-            with contextlib.suppress(redis.RedisError):
-                client = RedisCluster(host="127.0.0.1", port=port, socket_timeout=1)
-                try:
-                    node = client.get_node_from_key(key)
-                    return int(node.port)
-                finally:
-                    client.close()
+        slot = key_slot(key.encode())
+        for port in list(self.processes):
+            for first, last, master, *_ in self._ask(port, "CLUSTER", "SLOTS") or []:
+                if first <= slot <= last:
+                    return int(master[1])
         raise RuntimeError("no node of the cluster answers")
 
     def flush(self) -> None:
-        import redis
-
         for port in list(self.processes):
-            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-            with contextlib.suppress(redis.RedisError):  # replicas refuse writes
-                client.flushall()
-            client.close()
+            self._ask(port, "FLUSHALL")  # replicas refuse writes
 
     def kill(self, port: int) -> None:
         """SIGKILL one node (by its PID)."""
         process = self.processes.pop(port)
         process.kill()
         process.wait(5)
+        client = self._clients.pop(port, None)
+        if client is not None:
+            client.close()
 
     def stop(self) -> None:
         for port in list(self.processes):
