@@ -807,6 +807,12 @@ class ConnectionsCase:
     failures: dict[str, int] = field(default_factory=dict)
     connect_seconds: float = 0.0
     connections_per_s: float = 0.0
+    # CPU while connecting, per connect: the server's figure holds on a busy machine, where
+    # connections/s also measures what the other processes left of the cores.
+    server_cpu_ms_per_connect: float = 0.0
+    generator_cpu_ms_per_connect: float = 0.0
+    others_cpu_while_connecting: float = 0.0
+    load_average: float = 0.0
     dropped_while_idle: int = 0
     close_codes: dict[str, int] = field(default_factory=dict)
     rss_before: int = 0
@@ -830,13 +836,18 @@ async def run_connections(
         sessions.append(await open_session(url, target.dialect, recorder, publisher=True))
         await asyncio.sleep(opts.settle)
         case.rss_before = server.rss()
+        case.load_average = round(os.getloadavg()[0], 2)
+        connecting = CpuMeter(server)
         subs, case.failures, seconds = await open_many(
             count, lambda: open_session(url, target.dialect, recorder), opts.concurrency
         )
+        _, generator_cpu, case.others_cpu_while_connecting = connecting.read()
         sessions.extend(subs)
         case.joined = len(subs)
         case.connect_seconds = round(seconds, 3)
         case.connections_per_s = round(count / seconds, 1)
+        case.server_cpu_ms_per_connect = round(connecting.server_seconds * 1000 / count, 3)
+        case.generator_cpu_ms_per_connect = round(generator_cpu / 100 * seconds * 1000 / count, 3)
         meter = CpuMeter(server)
         await asyncio.sleep(hold)
         case.server_cpu_while_idle = meter.read()[0]
@@ -1021,6 +1032,7 @@ def print_connections(cases: list[dict[str, Any]]) -> None:
     print(
         f"\n{'target':<15}{'conns':>7}{'joined':>8}{'fail':>6}{'dropped':>8}"
         f"{'conn/s':>8}{'RSS MB':>8}{'KB/conn':>9}{'idle srv%':>10}"
+        f"{'srv ms/conn':>12}{'gen ms/conn':>12}{'others%':>8}{'load':>6}"
     )
     for c in cases:
         print(
@@ -1028,6 +1040,10 @@ def print_connections(cases: list[dict[str, Any]]) -> None:
             f"{c['dropped_while_idle']:>8}{_fmt(c['connections_per_s']):>8}"
             f"{_fmt(c['rss_after'] / 2**20, 1):>8}{_fmt(c['bytes_per_connection'] / 1024, 1):>9}"
             f"{_fmt(c['server_cpu_while_idle'], 1):>10}"
+            f"{_fmt(c.get('server_cpu_ms_per_connect'), 3):>12}"
+            f"{_fmt(c.get('generator_cpu_ms_per_connect'), 3):>12}"
+            f"{_fmt(c.get('others_cpu_while_connecting'), 0):>8}"
+            f"{_fmt(c.get('load_average'), 1):>6}"
         )
         for reason, n in c["failures"].items():
             print(f"    {n} x {reason}")

@@ -98,8 +98,7 @@ class WebSocketEndpoint:
         self.allowed_origins = allowed_origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = await receive()
-        if message["type"] != "websocket.connect":
+        if (await receive())["type"] != "websocket.connect":
             return
         node = self.node_getter()
         refusal = await self._refusal(scope, node)
