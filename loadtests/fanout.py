@@ -57,6 +57,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import psutil  # type: ignore[import-untyped]
@@ -82,9 +83,14 @@ class Target:
     path: str
     command: Callable[[int], list[str]]
     needs_token: bool = False
+    # Collab on Redis (`--redis`): the broker is shared, so several processes are one node.
+    on_redis: bool = False
+    processes: int = 1
 
     def available(self) -> str | None:
         """Why this target cannot run here, or None."""
+        if self.on_redis and not REDIS_URL:
+            return "needs a Redis database of its own: --redis redis://127.0.0.1:PORT/N"
         if self.name == "socketio":
             try:
                 import socketio  # type: ignore[import-untyped]  # noqa: F401
@@ -113,25 +119,42 @@ def _python(module: str, *extra: str) -> Callable[[int], list[str]]:
     return lambda port: [sys.executable, "-m", module, "--port", str(port), *extra]
 
 
+def _collab(workers: int = 1) -> Callable[[int], list[str]]:
+    def command(port: int) -> list[str]:
+        line = [sys.executable, "-m", "collab", "serve", "--port", str(port)]
+        if workers > 1:
+            line += ["--workers", str(workers)]
+        return [*line, "--log-level", "warning"]
+
+    return command
+
+
+# The Redis database the Redis targets use (`--redis`); emptied before each of their cases.
+REDIS_URL: str | None = None
+
+
 TARGETS: dict[str, Target] = {
     target.name: target
     for target in (
+        Target("collab", "Collab", "collab", "/ws/chat", _collab(), needs_token=True),
         Target(
-            "collab",
-            "Collab",
+            "collab-redis",
+            "Collab on Redis, 1 process",
             "collab",
             "/ws/chat",
-            lambda port: [
-                sys.executable,
-                "-m",
-                "collab",
-                "serve",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
+            _collab(),
             needs_token=True,
+            on_redis=True,
+        ),
+        Target(
+            "collab-redis-2",
+            "Collab on Redis, 2 processes",
+            "collab",
+            "/ws/chat",
+            _collab(workers=2),
+            needs_token=True,
+            on_redis=True,
+            processes=2,
         ),
         Target(
             "websockets",
@@ -178,6 +201,7 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
         self.ps: psutil.Process | None = None
         self.token: str | None = None
+        self._redis = redis_process() if target.on_redis else None
         self.log_path = workdir / f"{target.name}-{self.port}.log"
 
     @property
@@ -187,7 +211,10 @@ class Server:
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("COLLAB_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        if self.target.name == "collab":
+        if self.target.dialect == "collab" and self.target.needs_token:
+            if self.target.on_redis:
+                assert REDIS_URL is not None
+                env["COLLAB_BROKER_URL"] = REDIS_URL
             env.update(
                 {
                     "COLLAB_DATABASE_URL": f"sqlite+aiosqlite:///{self.workdir / 'collab.db'}",
@@ -198,6 +225,9 @@ class Server:
                     "COLLAB_RATE_BURST": "1000000",
                     "COLLAB_MAX_CONNECTIONS_PER_USER": str(self.max_connections),
                     "COLLAB_MAX_CONNECTIONS": str(self.max_connections),
+                    # A crowd of guest sign-ins (`--guests`) all come from 127.0.0.1.
+                    "COLLAB_AUTH_RATE_LIMIT": "1000000",
+                    "COLLAB_AUTH_RATE_BURST": "1000000",
                 }
             )
         return env
@@ -216,6 +246,8 @@ class Server:
         return self.process
 
     async def start(self, within: float = 60.0) -> None:
+        if self.target.on_redis:
+            await asyncio.to_thread(redis_flush)
         process = self.launch()
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
@@ -230,10 +262,64 @@ class Server:
         else:
             self.stop()
             raise RuntimeError(f"{self.target.name} did not listen in {within}s")
+        if self.target.processes > 1:
+            await self._all_workers(deadline)
         if self.target.needs_token:
             self.token = await asyncio.to_thread(self._guest_token)
         # The PID is for attaching a profiler: py-spy record -p PID
         print(f"  server pid {process.pid}, port {self.port}", flush=True)
+
+    async def _all_workers(self, deadline: float) -> None:
+        """Until every worker has started: the master listens before they have, and a
+        connection made meanwhile would wait for whichever worker is up first. A worker's
+        lifespan connects to the broker before it serves, so a worker holding a connection
+        to Redis is (all but) up; /readyz then answers from a started one."""
+        redis_port = urlsplit(REDIS_URL or "").port or 6379
+        while True:
+            workers = self.processes()[1:]
+            up = [w for w in workers if _connected_to(w, redis_port)]
+            if len(up) >= self.target.processes:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.target.name}: workers did not start\n{self.log_tail()}")
+            await asyncio.sleep(0.2)
+        while True:
+            try:
+                await asyncio.to_thread(self._get, "/readyz")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    def _get(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://{self.base}{path}", timeout=10) as response:
+            body: bytes = response.read()
+        return body
+
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and every process it started (uvicorn's workers)."""
+        assert self.ps is not None
+        try:
+            return [self.ps, *self.ps.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return [self.ps]
+
+    def connections_by_process(self) -> list[int]:
+        """Established client connections to the server's port in each process that serves
+        it (uvicorn's workers; not its master, nor helpers that do not listen): where the
+        kernel put the subscribers."""
+        counts = []
+        processes = self.processes()
+        for process in processes[1:] or processes:
+            try:
+                sockets = process.net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            mine = [c for c in sockets if c.laddr and c.laddr.port == self.port]
+            if any(c.status == psutil.CONN_LISTEN for c in mine):
+                counts.append(sum(1 for c in mine if c.status == psutil.CONN_ESTABLISHED))
+        return counts
 
     def _guest_token(self) -> str:
         request = urllib.request.Request(
@@ -252,13 +338,16 @@ class Server:
         return f"ws://{self.base}{path}"
 
     def rss(self) -> int:
-        assert self.ps is not None
-        return int(self.ps.memory_info().rss)
+        """Of every process of the server (one, or uvicorn's master and its workers)."""
+        return sum(_quietly(lambda p: p.memory_info().rss, p, 0) for p in self.processes())
 
     def cpu_seconds(self) -> float:
-        assert self.ps is not None
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
+        """Of every process of the server: the master and each worker."""
+        return float(sum(_quietly(_cpu_of, p, 0.0) for p in self.processes()))
+
+    @property
+    def redis(self) -> psutil.Process | None:
+        return self._redis
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM, then SIGKILL when it does not go in time; only our own process."""
@@ -276,6 +365,56 @@ class Server:
             return self.log_path.read_text(errors="replace")[-3000:]
         except OSError:
             return ""
+
+
+def _cpu_of(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _quietly(read: Callable[[psutil.Process], Any], process: psutil.Process, default: Any) -> Any:
+    """A figure of a process that may have gone meanwhile (then `default`)."""
+    try:
+        return read(process)
+    except psutil.Error:
+        return default
+
+
+def _connected_to(process: psutil.Process, port: int) -> bool:
+    try:
+        sockets = process.net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.raddr and c.raddr.port == port for c in sockets)
+
+
+def redis_flush() -> None:
+    """Empty the Redis database of `--redis`, so that every case starts with a new room."""
+    import redis
+
+    assert REDIS_URL is not None
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def redis_process() -> psutil.Process | None:
+    """The Redis server of `--redis`, for its CPU (it must run on this machine)."""
+    import redis
+
+    if REDIS_URL is None:
+        return None
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        pid = int(client.info("server")["process_id"])
+    finally:
+        client.close()
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
 
 
 # --- clients -----------------------------------------------------------------------------------
@@ -360,6 +499,7 @@ class Session:
         "dialect",
         "error",
         "last_seq",
+        "presence_events",
         "publisher",
         "ready",
         "recorder",
@@ -367,8 +507,17 @@ class Session:
         "ws",
     )
 
-    def __init__(self, dialect: str, recorder: Recorder, *, publisher: bool = False) -> None:
+    def __init__(
+        self,
+        dialect: str,
+        recorder: Recorder,
+        *,
+        publisher: bool = False,
+        presence_events: bool | None = False,
+    ) -> None:
         self.dialect = dialect
+        # None: the join leaves it out, and gets the default (events on), as a browser does.
+        self.presence_events = presence_events
         self.recorder = recorder
         self.publisher = publisher
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -399,7 +548,9 @@ class Session:
     def _collab_control(self, ws: WebSocketClient, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "welcome":
-            join = {"type": "join", "id": 0, "room": ROOM, "presence_events": False}
+            join: dict[str, Any] = {"type": "join", "id": 0, "room": ROOM}
+            if self.presence_events is not None:
+                join["presence_events"] = self.presence_events
             ws.send(orjson.dumps(join))
         elif kind == "joined":
             if not self.ready.done():
@@ -452,9 +603,15 @@ class Session:
 
 
 async def open_session(
-    url: str, dialect: str, recorder: Recorder, *, publisher: bool = False, within: float = 30.0
+    url: str,
+    dialect: str,
+    recorder: Recorder,
+    *,
+    publisher: bool = False,
+    presence_events: bool | None = False,
+    within: float = 30.0,
 ) -> Session:
-    session = Session(dialect, recorder, publisher=publisher)
+    session = Session(dialect, recorder, publisher=publisher, presence_events=presence_events)
     session.ws = await connect(url, session.on_text, within=within)
     try:
         await asyncio.wait_for(asyncio.shield(session.ready), within)
@@ -464,6 +621,33 @@ async def open_session(
             session.ready.exception()
         raise
     return session
+
+
+class GuestDoor:
+    """Subscribers that arrive as a browser does: each signs in as a guest of its own over
+    REST (`POST /auth/guest`: a user row each), then connects with that token and joins with
+    the default presence settings (the events on), so the room has N distinct users."""
+
+    def __init__(self, server: Server, recorder: Recorder, concurrency: int) -> None:
+        import httpx
+
+        self.server = server
+        self.recorder = recorder
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.client = httpx.AsyncClient(base_url=f"http://{server.base}", limits=limits, timeout=30)
+        self.names = itertools.count(1)
+
+    async def open(self) -> Session:
+        response = await self.client.post("/auth/guest", json={"name": f"guest {next(self.names)}"})
+        response.raise_for_status()
+        token = response.json()["access_token"]
+        url = f"ws://{self.server.base}{self.server.target.path}?token={token}"
+        return await open_session(
+            url, self.server.target.dialect, self.recorder, presence_events=None
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 async def open_many(
@@ -495,6 +679,9 @@ class CpuMeter:
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        self.redis = server.redis
+        self.redis_cpu = _quietly(_cpu_of, self.redis, 0.0) if self.redis else 0.0
+        self.redis_seconds = 0.0
         self.me = psutil.Process()
         self.wall = time.monotonic()
         self.server_cpu = server.cpu_seconds()
@@ -507,10 +694,12 @@ class CpuMeter:
         wall = max(time.monotonic() - self.wall, 1e-9)
         times = self.me.cpu_times()
         self.server_seconds = self.server.cpu_seconds() - self.server_cpu
+        if self.redis is not None:
+            self.redis_seconds = _quietly(_cpu_of, self.redis, 0.0) - self.redis_cpu
         server = self.server_seconds / wall * 100
         generator = (times.user + times.system - self.gen_cpu) / wall * 100
         machine = (_busy_seconds() - self.machine) / wall * 100
-        others = max(0.0, machine - server - generator)
+        others = max(0.0, machine - server - generator - self.redis_seconds / wall * 100)
         return round(server, 1), round(generator, 1), round(others, 1)
 
 
@@ -546,6 +735,7 @@ class Options:
     drain_timeout: float = 15.0
     concurrency: int = 200
     settle: float = 2.0
+    guests: bool = False
 
 
 @dataclass
@@ -571,6 +761,11 @@ class Phase:
     others_cpu: float = 0.0  # every other process on the machine, in % of one core
     # Deliveries per second of server CPU: less at the mercy of a noisy neighbour.
     deliveries_per_server_cpu_s: int = 0
+    # Seconds of CPU of every server process per million deliveries: the figure that still
+    # means something when the generator is the limit. Redis's own, apart.
+    server_cpu_s_per_million: float | None = None
+    redis_cpu: float | None = None  # % of one core
+    redis_cpu_s_per_million: float | None = None
     disconnected: int = 0
 
 
@@ -585,9 +780,24 @@ class Case:
     rss_before: int = 0
     rss_after: int = 0
     bytes_per_connection: float = 0.0
+    connections_per_s: float = 0.0
+    # Subscribers per serving process (uvicorn's workers, when there are several).
+    connections_by_process: list[int] = field(default_factory=list)
+    guests: bool = False  # each subscriber signed in as a guest of its own
     burst: Phase | None = None
     rate: Phase | None = None
     error: str | None = None
+
+
+def _cpu_per_delivery(phase: Phase, meter: CpuMeter) -> None:
+    phase.deliveries_per_server_cpu_s = round(phase.deliveries / max(meter.server_seconds, 1e-9))
+    if phase.deliveries:
+        phase.server_cpu_s_per_million = round(meter.server_seconds / phase.deliveries * 1e6, 2)
+    if meter.redis is not None:
+        wall = max(time.monotonic() - meter.wall, 1e-9)
+        phase.redis_cpu = round(meter.redis_seconds / wall * 100, 1)
+        if phase.deliveries:
+            phase.redis_cpu_s_per_million = round(meter.redis_seconds / phase.deliveries * 1e6, 2)
 
 
 async def _burst(
@@ -638,7 +848,7 @@ async def _burst(
     phase.deliveries_per_s = round(phase.deliveries / phase.seconds)
     phase.messages_per_s = round(phase.published / phase.seconds, 1)
     phase.disconnected = sum(1 for s in subs if s.ws is None or not s.ws.is_open)
-    phase.deliveries_per_server_cpu_s = round(phase.deliveries / max(meter.server_seconds, 1e-9))
+    _cpu_per_delivery(phase, meter)
     return phase
 
 
@@ -683,7 +893,7 @@ async def _rate(
     phase.ack_p50_ms = ms(percentile(acks, 50))
     phase.ack_p99_ms = ms(percentile(acks, 99))
     phase.disconnected = sum(1 for s in subs if s.ws is None or not s.ws.is_open)
-    phase.deliveries_per_server_cpu_s = round(phase.deliveries / max(meter.server_seconds, 1e-9))
+    _cpu_per_delivery(phase, meter)
     return phase
 
 
@@ -693,6 +903,7 @@ async def run_case(
     case = Case(target.name, subscribers, run)
     server = Server(target, workdir, max_connections=subscribers + 1000)
     sessions: list[Session] = []
+    door: GuestDoor | None = None
     try:
         await server.start()
         recorder = Recorder()
@@ -701,18 +912,28 @@ async def run_case(
         sessions.append(publisher)
         await asyncio.sleep(opts.settle)
         case.rss_before = server.rss()
+        opener: Callable[[], Awaitable[Session]]
+        if opts.guests and target.needs_token:
+            case.guests = True
+            door = GuestDoor(server, recorder, opts.concurrency)
+            opener = door.open
+        else:
+            opener = lambda: open_session(url, target.dialect, recorder)  # noqa: E731
         subs, case.failures, case.connect_seconds = await open_many(
-            subscribers, lambda: open_session(url, target.dialect, recorder), opts.concurrency
+            subscribers, opener, opts.concurrency
         )
         sessions.extend(subs)
         case.connect_seconds = round(case.connect_seconds, 3)
+        case.connections_per_s = round(len(subs) / max(case.connect_seconds, 1e-9), 1)
         case.joined = len(subs)
         recorder.members = len(subs)
         await asyncio.sleep(opts.settle)
         case.rss_after = server.rss()
+        case.connections_by_process = server.connections_by_process()
         if subs:
             case.bytes_per_connection = round((case.rss_after - case.rss_before) / len(subs))
-            case.burst = await _burst(server, publisher, recorder, subs, opts)
+            if opts.burst_seconds > 0:  # 0: the rate phase right after the crowd came in
+                case.burst = await _burst(server, publisher, recorder, subs, opts)
             case.rate = await _rate(server, publisher, recorder, subs, opts)
     except Exception as exc:  # one failed case is reported; the others still run
         case.error = f"{type(exc).__name__}: {exc!r}"
@@ -723,6 +944,8 @@ async def run_case(
         for session in sessions:
             if session.ws is not None:
                 session.ws.abort()
+        if door is not None:
+            await door.close()
         # In a thread: the loop must go on running to carry out those aborts.
         await asyncio.to_thread(server.stop)
     return case
@@ -859,6 +1082,10 @@ def median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _sum_phases(case: dict[str, Any], key: str) -> int:
+    return sum(int(case[phase][key]) for phase in ("burst", "rate") if case.get(phase))
+
+
 def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
     """Medians over runs, per target and number of subscribers."""
     table: dict[str, dict[int, dict[str, Any]]] = {}
@@ -866,17 +1093,17 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]
     for case in cases:
         groups.setdefault((case["target"], case["subscribers"]), []).append(case)
     for (target, n), runs in sorted(groups.items()):
-        ok = [r for r in runs if r.get("burst") and r.get("rate")]
+        ok = [r for r in runs if r.get("rate")]
 
         def pick(phase: str, key: str, ok: list[dict[str, Any]] = ok) -> float | None:
-            return median([r[phase][key] for r in ok])
+            return median([(r[phase] or {}).get(key) for r in ok])
 
         table.setdefault(target, {})[n] = {
             "runs": len(runs),
             "ok_runs": len(ok),
             "deliveries_per_s": pick("burst", "deliveries_per_s"),
             "deliveries_per_cpu_s": median(
-                [r["burst"].get("deliveries_per_server_cpu_s") or None for r in ok]
+                [(r["burst"] or {}).get("deliveries_per_server_cpu_s") or None for r in ok]
             ),
             "messages_per_s": pick("burst", "messages_per_s"),
             "burst_server_cpu": pick("burst", "server_cpu"),
@@ -885,8 +1112,8 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]
             "p99_ms": pick("rate", "p99_ms"),
             "ack_p99_ms": pick("rate", "ack_p99_ms"),
             "bytes_per_connection": median([r["bytes_per_connection"] for r in ok]),
-            "lost": sum(r["burst"]["lost"] + r["rate"]["lost"] for r in ok),
-            "gaps": sum(r["burst"]["gaps"] + r["rate"]["gaps"] for r in ok),
+            "lost": sum(_sum_phases(r, "lost") for r in ok),
+            "gaps": sum(_sum_phases(r, "gaps") for r in ok),
             "failures": sum(sum(r["failures"].values()) for r in runs),
             "errors": [r["error"] for r in runs if r.get("error")],
         }
@@ -995,12 +1222,13 @@ def markdown(paths: Sequence[Path]) -> str:
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for (n, target), runs in sorted(groups.items()):
-            ok = [r for r in runs if r.get("burst") and r.get("rate")]
-            lost = sum(r["burst"]["lost"] + r["rate"]["lost"] for r in ok)
+            ok = [r for r in runs if r.get("rate")]
+            lost = sum(_sum_phases(r, "lost") for r in ok)
+            bursts = [r["burst"] or {} for r in ok]
             lines.append(
                 f"| {n} | {labels.get(target, target)} "
-                f"| {_spread([r['burst']['deliveries_per_s'] for r in ok])} "
-                f"| {_fmt(median([r['burst'].get('deliveries_per_server_cpu_s') for r in ok]))} "
+                f"| {_spread([b.get('deliveries_per_s') for b in bursts])} "
+                f"| {_fmt(median([b.get('deliveries_per_server_cpu_s') for b in bursts]))} "
                 f"| {_spread([r['rate']['p50_ms'] for r in ok], 1)} "
                 f"| {_spread([r['rate']['p99_ms'] for r in ok], 1)} "
                 f"| {_fmt(median([r['bytes_per_connection'] / 1024 for r in ok]), 1)} "
@@ -1026,6 +1254,8 @@ def markdown(paths: Sequence[Path]) -> str:
                         f"| x{_ratio(mine[n], per[n], 'p99_ms')} "
                         f"| x{_ratio(mine[n], per[n], 'bytes_per_connection')} |"
                     )
+    if compare_cases:
+        lines += ["", *per_run_latency(compare_cases), "", *per_run_scale(compare_cases)]
     if connection_cases:
         groups2: dict[str, list[dict[str, Any]]] = {}
         for case in connection_cases:
@@ -1049,6 +1279,65 @@ def markdown(paths: Sequence[Path]) -> str:
                 f"| {len(runs)} |"
             )
     return "\n".join(lines)
+
+
+def per_run_latency(cases: list[dict[str, Any]]) -> list[str]:
+    """The rate phase's p99 and maximum latency of every run, the targets side by side: a
+    tail must be as good in every run, not only in the median of runs."""
+    labels = {t.name: t.label for t in TARGETS.values()}
+    targets = list(dict.fromkeys(c["target"] for c in cases))
+    rows: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    guests: dict[tuple[int, int], bool] = {}
+    for case in cases:
+        key = (case["subscribers"], case["run"])
+        rows.setdefault(key, {})[case["target"]] = case
+        guests[key] = guests.get(key, False) or bool(case.get("guests"))
+    lines = [
+        "| subscribers | run | guests | "
+        + " | ".join(f"{labels.get(t, t)} p99 / max ms" for t in targets)
+        + " |",
+        "|---:|---:|---|" + "---:|" * len(targets),
+    ]
+    for (n, run), per in sorted(rows.items()):
+        cells = []
+        for target in targets:
+            rate = (per.get(target) or {}).get("rate")
+            cells.append(
+                f"{_fmt(rate['p99_ms'], 1)} / {_fmt(rate.get('max_ms'), 1)}" if rate else "-"
+            )
+        lines.append(
+            f"| {n} | {run} | {'yes' if guests[(n, run)] else 'no'} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def per_run_scale(cases: list[dict[str, Any]]) -> list[str]:
+    """Every run's throughput, connects and CPU per million deliveries (burst phase)."""
+    labels = {t.name: t.label for t in TARGETS.values()}
+    lines = [
+        "| subscribers | run | server | deliveries/s | connects/s | server CPU-s per M "
+        "| Redis CPU-s per M | subscribers per process | lost |",
+        "|---:|---:|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for case in sorted(cases, key=lambda c: (c["subscribers"], c["run"])):
+        rate = case.get("rate")
+        burst = case.get("burst") or {}
+        if not rate:
+            lines.append(
+                f"| {case['subscribers']} | {case['run']} | {labels.get(case['target'])} "
+                f"| failed: {case.get('error')} | | | | | |"
+            )
+            continue
+        by_process = case.get("connections_by_process") or []
+        spread = " + ".join(str(c) for c in by_process) if len(by_process) > 1 else "-"
+        lines.append(
+            f"| {case['subscribers']} | {case['run']} | {labels.get(case['target'])} "
+            f"| {_fmt(burst.get('deliveries_per_s'))} | {_fmt(case.get('connections_per_s'))} "
+            f"| {_fmt(burst.get('server_cpu_s_per_million'), 2)} "
+            f"| {_fmt(burst.get('redis_cpu_s_per_million'), 2)} | {spread} "
+            f"| {_sum_phases(case, 'lost')} |"
+        )
+    return lines
 
 
 def plot(paths: Sequence[Path], out: Path) -> None:
@@ -1176,6 +1465,7 @@ async def compare(args: argparse.Namespace) -> Path:
         drain_timeout=args.drain_timeout,
         concurrency=args.concurrency,
         settle=args.settle,
+        guests=args.guests,
     )
     _raise_fd_limit(max(sizes) + 100)
     out = Path(args.out or RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -1206,7 +1496,9 @@ def _report_case(case: Case) -> None:
     failed = sum(case.failures.values())
     print(
         f"  joined {case.joined}/{case.subscribers} in {case.connect_seconds:.1f}s"
-        f" ({failed} failed), {case.bytes_per_connection / 1024:.1f} KB per connection"
+        f" ({case.connections_per_s:,.0f}/s{', guests' if case.guests else ''}; {failed} failed),"
+        f" {case.bytes_per_connection / 1024:.1f} KB per connection;"
+        f" connections per server process: {case.connections_by_process}"
     )
     for reason, count in case.failures.items():
         print(f"    {count} x {reason}")
@@ -1215,13 +1507,18 @@ def _report_case(case: Case) -> None:
             continue
         latency = ""
         if phase.p50_ms is not None:
-            latency = f", p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms"
+            latency = (
+                f", p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms, max {phase.max_ms:.2f} ms"
+            )
+        redis = ""
+        if phase.redis_cpu is not None:
+            redis = f", Redis {phase.redis_cpu:.0f}% ({phase.redis_cpu_s_per_million} s)"
         print(
             f"  {name}: {phase.published} published, {phase.deliveries_per_s:,} deliveries/s"
             f"{latency}, lost {phase.lost}, gaps {phase.gaps},"
             f" CPU: server {phase.server_cpu:.0f}%, generator {phase.generator_cpu:.0f}%,"
-            f" others {phase.others_cpu:.0f}%; {phase.deliveries_per_server_cpu_s:,} deliveries"
-            " per server CPU-second"
+            f" others {phase.others_cpu:.0f}%{redis}; {phase.deliveries_per_server_cpu_s:,}"
+            f" deliveries per server CPU-second ({phase.server_cpu_s_per_million} s per million)"
         )
         _warn_generator(phase.generator_cpu, f"the {name} phase")
 
@@ -1268,16 +1565,25 @@ def _loop_run(coro: Awaitable[Path]) -> Path:
     return uvloop.run(main())
 
 
+def _redis_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--redis",
+        help="a Redis database (redis://127.0.0.1:PORT/N, on this machine) for the targets "
+        "collab-redis and collab-redis-2; EMPTIED before each of their cases",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="python -m loadtests.fanout",
         description="Fan-out and connection benchmarks: Collab against peer servers.",
     )
     sub = top.add_subparsers(dest="mode", required=True)
-    every = ",".join(TARGETS)
+    every = ",".join(name for name, t in TARGETS.items() if not t.on_redis)
+    everything = ",".join(TARGETS)
 
     c = sub.add_parser("compare", help="N subscribers in one room: throughput, latency, memory")
-    c.add_argument("--targets", default=every, help=f"comma-separated, from {every}")
+    c.add_argument("--targets", default=every, help=f"comma-separated, from {everything}")
     c.add_argument("--subscribers", default="250,500,1000,2000", help="comma-separated sizes")
     c.add_argument("--runs", type=int, default=3, help="runs of every case (medians reported)")
     c.add_argument("--window", type=int, default=256, help="unacknowledged publishes at most")
@@ -1295,6 +1601,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--settle", type=float, default=2.0, help="seconds before reading RSS")
     c.add_argument("--out", help="results JSON (default loadtests/results/fanout-<time>.json)")
     c.add_argument("--plot", help="also write the plot to this PNG")
+    c.add_argument(
+        "--guests",
+        action="store_true",
+        help="Collab's subscribers each sign in as a guest of their own (REST) and join with "
+        "presence events on, as browsers do; the peers get the same number of subscribers",
+    )
+    _redis_option(c)
 
     k = sub.add_parser("connections", help="many idle joined connections: all must succeed")
     k.add_argument("--targets", default="collab")
@@ -1304,6 +1617,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--concurrency", type=int, default=200)
     k.add_argument("--settle", type=float, default=2.0)
     k.add_argument("--out")
+    _redis_option(k)
 
     r = sub.add_parser("report", help="Markdown tables of results files (medians, ranges)")
     r.add_argument("results", nargs="+", type=Path)
@@ -1316,6 +1630,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    global REDIS_URL
+    REDIS_URL = getattr(args, "redis", None)
     if args.mode == "report":
         print(markdown(args.results))
         return 0
