@@ -432,6 +432,7 @@ class Recorder:
         "latencies",
         "members",
         "progress",
+        "slowest",
         "waiting",
     )
 
@@ -443,6 +444,7 @@ class Recorder:
         self.gaps = 0
         self.last_delivery = 0.0
         self.latencies: list[float] | None = None
+        self.slowest = (0.0, 0.0)  # the longest latency while recording, and when it was sent
         self.progress = asyncio.Event()
         self.waiting = False
 
@@ -451,7 +453,10 @@ class Recorder:
         self.deliveries += 1
         self.last_delivery = now
         if self.latencies is not None:
-            self.latencies.append(now - sent)
+            latency = now - sent
+            self.latencies.append(latency)
+            if latency > self.slowest[0]:
+                self.slowest = (latency, sent)
         if seq != session.last_seq + 1:
             self.gaps += 1
         session.last_seq = seq
@@ -633,7 +638,9 @@ class GuestDoor:
 
         self.server = server
         self.recorder = recorder
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        # A connection per sign-in: each guest is a browser of its own (and no request races
+        # the server's keep-alive timeout on a connection it is closing).
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
         self.client = httpx.AsyncClient(base_url=f"http://{server.base}", limits=limits, timeout=30)
         self.names = itertools.count(1)
 
@@ -754,6 +761,10 @@ class Phase:
     p99_ms: float | None = None
     p999_ms: float | None = None
     max_ms: float | None = None
+    # When the message of the longest latency was sent, in seconds from the phase's start
+    # (and on the machine's monotonic clock, to line it up with a server's own logs).
+    max_sent_after_s: float | None = None
+    max_sent_monotonic: float | None = None
     ack_p50_ms: float | None = None
     ack_p99_ms: float | None = None
     server_cpu: float = 0.0
@@ -859,6 +870,7 @@ async def _rate(
     count = max(1, round(opts.rate * opts.rate_seconds))
     interval = 1.0 / opts.rate
     recorder.latencies = []
+    recorder.slowest = (0.0, 0.0)
     publisher.ack_latencies = []
     start_deliveries, start_gaps = recorder.deliveries, recorder.gaps
     start_acked, start_complete = publisher.acked, recorder.complete
@@ -890,6 +902,9 @@ async def _rate(
     phase.p99_ms = ms(percentile(latencies, 99))
     phase.p999_ms = ms(percentile(latencies, 99.9))
     phase.max_ms = ms(max(latencies) if latencies else None)
+    if latencies:
+        phase.max_sent_after_s = round(recorder.slowest[1] - started, 3)
+        phase.max_sent_monotonic = round(recorder.slowest[1], 3)
     phase.ack_p50_ms = ms(percentile(acks, 50))
     phase.ack_p99_ms = ms(percentile(acks, 99))
     phase.disconnected = sum(1 for s in subs if s.ws is None or not s.ws.is_open)
@@ -1509,6 +1524,7 @@ def _report_case(case: Case) -> None:
         if phase.p50_ms is not None:
             latency = (
                 f", p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms, max {phase.max_ms:.2f} ms"
+                f" (sent at +{phase.max_sent_after_s} s, monotonic {phase.max_sent_monotonic})"
             )
         redis = ""
         if phase.redis_cpu is not None:
