@@ -30,6 +30,25 @@ every target and size, then run 2, ...), so a noisy neighbour spreads over all o
     python -m loadtests.fanout connections --count 10000 --targets collab,websockets
     python -m loadtests.fanout plot loadtests/results/fanout-*.json --out docs/fanout.png
 
+With `--guests`, Collab's subscribers come in as a crowd of browsers would: each signs in over
+REST as a guest of its own (a user row each), connects with that token and joins with the
+default presence settings (presence events on), and `--burst-seconds 0` starts the rate phase
+right after they came in (what a crowd leaves behind: collections, presence, lazy state). The
+peers have no sign-in and get the same number of subscribers. `report` prints every run's p99
+and maximum latency side by side: a tail must be good in every run, not in the median.
+
+Scale-up: `collab-redis` and `collab-redis-2` are Collab on Redis (`--redis URL`, a database
+the tool empties before each of their cases) with one process and with two (`collab serve
+--workers 2`; the kernel spreads the subscribers over them, and each case records how many
+each worker got). Server CPU is that of every server process (master and workers); Redis's is
+reported apart; both per million deliveries, the figure that still means something when the
+generator is the limit. `collab-gc-unfrozen` is Collab with `COLLAB_GC_FREEZE=false`.
+
+    python -m loadtests.fanout compare --targets collab,collab-gc-unfrozen,websockets \
+      --subscribers 2000 --runs 3 --guests --burst-seconds 0
+    python -m loadtests.fanout compare --targets collab,collab-redis,collab-redis-2,websockets \
+      --subscribers 2000 --runs 3 --redis redis://127.0.0.1:6379/9
+
 The generator measures its own CPU and warns above 90% of a core: then it, not the server, may
 be what limits the figures.
 """
@@ -86,6 +105,7 @@ class Target:
     # Collab on Redis (`--redis`): the broker is shared, so several processes are one node.
     on_redis: bool = False
     processes: int = 1
+    settings: tuple[tuple[str, str], ...] = ()  # COLLAB_* settings of this target's own
 
     def available(self) -> str | None:
         """Why this target cannot run here, or None."""
@@ -137,6 +157,16 @@ TARGETS: dict[str, Target] = {
     target.name: target
     for target in (
         Target("collab", "Collab", "collab", "/ws/chat", _collab(), needs_token=True),
+        Target(
+            # The same without the collector's tuning (collab/gc_pauses.py): the before/after.
+            "collab-gc-unfrozen",
+            "Collab, GC not frozen",
+            "collab",
+            "/ws/chat",
+            _collab(),
+            needs_token=True,
+            settings=(("COLLAB_GC_FREEZE", "false"),),
+        ),
         Target(
             "collab-redis",
             "Collab on Redis, 1 process",
@@ -228,6 +258,7 @@ class Server:
                     # A crowd of guest sign-ins (`--guests`) all come from 127.0.0.1.
                     "COLLAB_AUTH_RATE_LIMIT": "1000000",
                     "COLLAB_AUTH_RATE_BURST": "1000000",
+                    **dict(self.target.settings),
                 }
             )
         return env
@@ -1595,7 +1626,7 @@ def parser() -> argparse.ArgumentParser:
         description="Fan-out and connection benchmarks: Collab against peer servers.",
     )
     sub = top.add_subparsers(dest="mode", required=True)
-    every = ",".join(name for name, t in TARGETS.items() if not t.on_redis)
+    every = ",".join(n for n, t in TARGETS.items() if not (t.on_redis or t.settings))
     everything = ",".join(TARGETS)
 
     c = sub.add_parser("compare", help="N subscribers in one room: throughput, latency, memory")
