@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -86,6 +87,7 @@ from loadtests.rawws import WebSocketClient, connect
 REPO = Path(__file__).resolve().parent.parent
 NODE_PEER = REPO / "loadtests" / "peers" / "socketio_node"
 RESULTS = REPO / "loadtests" / "results"
+GC_LOGGER = REPO / "loadtests" / "gclog"  # a sitecustomize that logs collections (--gc-log)
 ROOM = "bench"
 GENERATOR_CPU_WARNING = 90.0
 
@@ -223,8 +225,11 @@ def free_port() -> int:
 class Server:
     """One server process on a free loopback port; stopped by its PID."""
 
-    def __init__(self, target: Target, workdir: Path, max_connections: int) -> None:
+    def __init__(
+        self, target: Target, workdir: Path, max_connections: int, gc_log: Path | None = None
+    ) -> None:
         self.target = target
+        self.gc_log = gc_log
         self.port = free_port()
         self.workdir = workdir
         self.max_connections = max_connections
@@ -241,6 +246,9 @@ class Server:
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("COLLAB_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        if self.gc_log is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(GC_LOGGER), env["PYTHONPATH"]])
+            env["FANOUT_GC_LOG"] = str(self.gc_log)
         if self.target.dialect == "collab" and self.target.needs_token:
             if self.target.on_redis:
                 assert REDIS_URL is not None
@@ -390,6 +398,22 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
+
+    def collections(self, since: float, until: float) -> list[tuple[float, int, float, int]]:
+        """The collections its processes logged (`--gc-log`) between two monotonic times:
+        (time, generation, milliseconds, objects in generation 2)."""
+        if self.gc_log is None:
+            return []
+        found = []
+        for process in self.processes():
+            path = self.gc_log / f"gc-{process.pid}.log"
+            with contextlib.suppress(OSError):
+                for line in path.read_text().splitlines():
+                    at, generation, took, size = line.split()
+                    ended = float(at)
+                    if since <= ended - float(took) / 1000 and ended <= until:
+                        found.append((ended, int(generation), float(took), int(size)))
+        return sorted(found)
 
     def log_tail(self) -> str:
         try:
@@ -774,6 +798,7 @@ class Options:
     concurrency: int = 200
     settle: float = 2.0
     guests: bool = False
+    gc_log: Path | None = None
 
 
 @dataclass
@@ -796,6 +821,12 @@ class Phase:
     # (and on the machine's monotonic clock, to line it up with a server's own logs).
     max_sent_after_s: float | None = None
     max_sent_monotonic: float | None = None
+    # With --gc-log: the server's full (generation 2) collections during the phase, the
+    # longest of them, the most objects one walked, and the longest pause of any generation.
+    gc_full_passes: int | None = None
+    gc_full_longest_ms: float | None = None
+    gc_full_most_objects: int | None = None
+    gc_longest_ms: float | None = None
     ack_p50_ms: float | None = None
     ack_p99_ms: float | None = None
     server_cpu: float = 0.0
@@ -829,6 +860,17 @@ class Case:
     burst: Phase | None = None
     rate: Phase | None = None
     error: str | None = None
+
+
+def _collections(phase: Phase, server: Server, started: float) -> None:
+    if server.gc_log is None:
+        return
+    passes = server.collections(started, time.monotonic())
+    full = [p for p in passes if p[1] == 2]
+    phase.gc_full_passes = len(full)
+    phase.gc_full_longest_ms = max((p[2] for p in full), default=0.0)
+    phase.gc_full_most_objects = max((p[3] for p in full), default=0)
+    phase.gc_longest_ms = max((p[2] for p in passes), default=0.0)
 
 
 def _cpu_per_delivery(phase: Phase, meter: CpuMeter) -> None:
@@ -932,6 +974,7 @@ async def _rate(
     phase.p50_ms = ms(percentile(latencies, 50))
     phase.p99_ms = ms(percentile(latencies, 99))
     phase.p999_ms = ms(percentile(latencies, 99.9))
+    _collections(phase, server, started)
     phase.max_ms = ms(max(latencies) if latencies else None)
     if latencies:
         phase.max_sent_after_s = round(recorder.slowest[1] - started, 3)
@@ -947,7 +990,7 @@ async def run_case(
     target: Target, subscribers: int, run: int, opts: Options, workdir: Path
 ) -> Case:
     case = Case(target.name, subscribers, run)
-    server = Server(target, workdir, max_connections=subscribers + 1000)
+    server = Server(target, workdir, subscribers + 1000, opts.gc_log)
     sessions: list[Session] = []
     door: GuestDoor | None = None
     try:
@@ -976,6 +1019,10 @@ async def run_case(
         await asyncio.sleep(opts.settle)
         case.rss_after = server.rss()
         case.connections_by_process = server.connections_by_process()
+        # The generator's own collections would walk every session and delay what it reads
+        # (measured: passes of hundreds of ms in the rate phase); it must not measure itself.
+        gc.collect()
+        gc.freeze()
         if subs:
             case.bytes_per_connection = round((case.rss_after - case.rss_before) / len(subs))
             if opts.burst_seconds > 0:  # 0: the rate phase right after the crowd came in
@@ -990,6 +1037,7 @@ async def run_case(
         for session in sessions:
             if session.ws is not None:
                 session.ws.abort()
+        gc.unfreeze()
         if door is not None:
             await door.close()
         # In a thread: the loop must go on running to carry out those aborts.
@@ -1348,9 +1396,10 @@ def per_run_latency(cases: list[dict[str, Any]]) -> list[str]:
         cells = []
         for target in targets:
             rate = (per.get(target) or {}).get("rate")
-            cells.append(
-                f"{_fmt(rate['p99_ms'], 1)} / {_fmt(rate.get('max_ms'), 1)}" if rate else "-"
-            )
+            cell = f"{_fmt(rate['p99_ms'], 1)} / {_fmt(rate.get('max_ms'), 1)}" if rate else "-"
+            if rate and rate.get("gc_full_passes"):  # --gc-log: full collections in the phase
+                cell += f" (GC: {rate['gc_full_passes']}, {_fmt(rate['gc_full_longest_ms'])} ms)"
+            cells.append(cell)
         lines.append(
             f"| {n} | {run} | {'yes' if guests[(n, run)] else 'no'} | " + " | ".join(cells) + " |"
         )
@@ -1512,13 +1561,14 @@ async def compare(args: argparse.Namespace) -> Path:
         concurrency=args.concurrency,
         settle=args.settle,
         guests=args.guests,
+        gc_log=args.gc_log,
     )
     _raise_fd_limit(max(sizes) + 100)
     out = Path(args.out or RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json")
     payload: dict[str, Any] = {
         "mode": "compare",
         "command": " ".join(["python -m loadtests.fanout", *sys.argv[1:]]),
-        "options": asdict(opts),
+        "options": {**asdict(opts), "gc_log": str(opts.gc_log) if opts.gc_log else None},
         "environment": environment(),
         "cases": [],
     }
@@ -1556,6 +1606,12 @@ def _report_case(case: Case) -> None:
             latency = (
                 f", p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms, max {phase.max_ms:.2f} ms"
                 f" (sent at +{phase.max_sent_after_s} s, monotonic {phase.max_sent_monotonic})"
+            )
+        if phase.gc_full_passes is not None:
+            latency += (
+                f", server GC: {phase.gc_full_passes} full passes (longest"
+                f" {phase.gc_full_longest_ms} ms, {phase.gc_full_most_objects:,} objects),"
+                f" longest pause {phase.gc_longest_ms} ms"
             )
         redis = ""
         if phase.redis_cpu is not None:
@@ -1654,6 +1710,11 @@ def parser() -> argparse.ArgumentParser:
         help="Collab's subscribers each sign in as a guest of their own (REST) and join with "
         "presence events on, as browsers do; the peers get the same number of subscribers",
     )
+    c.add_argument(
+        "--gc-log",
+        help="a folder: the Python servers log their garbage collections there "
+        "(loadtests/gclog), and each rate phase reports the full collections it met",
+    )
     _redis_option(c)
 
     k = sub.add_parser("connections", help="many idle joined connections: all must succeed")
@@ -1679,6 +1740,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     global REDIS_URL
     REDIS_URL = getattr(args, "redis", None)
+    if getattr(args, "gc_log", None):
+        args.gc_log = Path(args.gc_log).resolve()
+        args.gc_log.mkdir(parents=True, exist_ok=True)
     if args.mode == "report":
         print(markdown(args.results))
         return 0
