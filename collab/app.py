@@ -32,6 +32,7 @@ from api.ratelimit import LoginFailureLimiter
 from api.security import HashingPool
 from api.services import GuestBatcher
 from api.tickets import ticket_store
+from collab.gc_pauses import ConnectionCounts, GcFreezer
 from collab.metrics import NodeCollector
 from collab.realtime_wiring import build_node, close_with_1001_on_exit, token_authenticator
 from collab.settings import Settings
@@ -111,11 +112,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             guests=GuestBatcher(sessions),
             accounts=accounts,
         )
+        freezer = None
+        if settings.gc_freeze:
+            hub = node.hub
+            freezer = GcFreezer(
+                lambda: ConnectionCounts(hub.opened, hub.closed, len(hub.connections))
+            )
+            freezer.start()
+        app.state.gc_freezer = freezer
         log.info("collab node %s ready (%s)", settings.node_id, settings.env)
         try:
             with close_with_1001_on_exit(node, min(settings.shutdown_timeout, 5.0)):
                 yield
         finally:
+            if freezer is not None:
+                await freezer.close()
             await node.close()
             await app.state.api.tickets.close()
             await app.state.api.login_limiter.close()

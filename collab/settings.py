@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # How long a WebSocket connect may rely on a remembered account (id, token version, name,
     # role) instead of reading its row; 0: read it on every connect (`api/accounts.py`).
     account_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
+    # Freeze long-lived objects (connections, presence) so that garbage collections do not
+    # walk them: full passes otherwise stall deliveries for 100 ms and more (collab/gc_pauses.py).
+    gc_freeze: bool = True
     # The REST API's pages (/docs, /redoc, /openapi.json); unset: on except in production.
     api_docs: bool | None = None
     presence_timeout: float = Field(default=30.0, gt=0, le=3600)

@@ -27,18 +27,35 @@ installed with npm into its folder when node is available). Cases are interleave
 every target and size, then run 2, ...), so a noisy neighbour spreads over all of them.
 
     python -m loadtests.fanout compare --subscribers 250,500,1000,2000 --runs 3
-    python -m loadtests.fanout compare --targets collab --subscribers 1,1000 \\
+    python -m loadtests.fanout compare --targets collab,collab-redis --subscribers 1,1000 \\
         --broker-url redis+cluster://127.0.0.1:7100
     python -m loadtests.fanout connections --count 10000 --targets collab,websockets
     python -m loadtests.fanout plot loadtests/results/fanout-*.json --out docs/fanout.png
 
-With `--broker-url` (`redis://`, `redis+cluster://`), Collab runs a second time in each case,
-as a hub node on that broker (`collab-redis`), measured beside the memory one: its cost per
-published message and per delivery in CPU-seconds of the hub process (psutil, by PID), and the
-Redis work per published message on the broker's masters (INFO before and after the burst:
-commands, bytes in and out, CPU), which `loadtests/capacity.py` reads. `--collab-env` sets
-more of Collab's settings for both (say, `COLLAB_CELERY_BROKER_URL=...`, so that the hub hands
-its messages to Celery as in production rather than writing SQLite itself).
+With `--guests`, Collab's subscribers come in as a crowd of browsers would: each signs in over
+REST as a guest of its own (a user row each), connects with that token and joins with the
+default presence settings (presence events on), and `--burst-seconds 0` starts the rate phase
+right after they came in (what a crowd leaves behind: collections, presence, lazy state). The
+peers have no sign-in and get the same number of subscribers. `report` prints every run's p99
+and maximum latency side by side: a tail must be good in every run, not in the median.
+
+Collab on a shared broker: `collab-redis` and `collab-redis-2` are Collab as a hub node on the
+broker of `--broker-url` (`redis://` or `redis+cluster://`; a database or cluster the tool
+EMPTIES before each of their cases) with one process and with two (`collab serve --workers 2`;
+the kernel spreads the subscribers over them, and each case records how many each worker got).
+Server CPU is that of every server process (master and workers), per million deliveries and as
+messages per CPU-second; the broker's work is read from its masters' INFO before and after each
+phase (commands, bytes in and out, CPU per published message, and its CPU per million
+deliveries), which `loadtests/capacity.py --hub` reads. `--publishers N` publishes from N
+connections in the burst (the cost of a busy room rather than the latency of one publisher).
+`--collab-env` sets more of Collab's settings for every Collab target (say,
+`COLLAB_CELERY_BROKER_URL=...`, so that the hub hands its messages to Celery as in production
+rather than writing SQLite itself). `collab-gc-unfrozen` is Collab with `COLLAB_GC_FREEZE=false`.
+
+    python -m loadtests.fanout compare --targets collab,collab-gc-unfrozen,websockets \
+      --subscribers 2000 --runs 3 --guests --burst-seconds 0
+    python -m loadtests.fanout compare --targets collab,collab-redis,collab-redis-2,websockets \
+      --subscribers 2000 --runs 3 --broker-url redis://127.0.0.1:6379/9
 
 The generator measures its own CPU and warns above 90% of a core: then it, not the server, may
 be what limits the figures.
@@ -50,6 +67,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import os
@@ -77,6 +95,7 @@ from loadtests.rawws import WebSocketClient, connect
 REPO = Path(__file__).resolve().parent.parent
 NODE_PEER = REPO / "loadtests" / "peers" / "socketio_node"
 RESULTS = REPO / "loadtests" / "results"
+GC_LOGGER = REPO / "loadtests" / "gclog"  # a sitecustomize that logs collections (--gc-log)
 ROOM = "bench"
 GENERATOR_CPU_WARNING = 90.0
 
@@ -93,13 +112,18 @@ class Target:
     path: str
     command: Callable[[int], list[str]]
     needs_token: bool = False
-    # More environment for the server (Collab's settings), as (name, value) pairs.
-    env: tuple[tuple[str, str], ...] = ()
-    # Redis (or Redis Cluster) whose masters' INFO counts the work per published message.
-    redis_info: str | None = None
+    # Collab on the broker of `--broker-url`: shared, so several processes are one node.
+    on_redis: bool = False
+    processes: int = 1
+    settings: tuple[tuple[str, str], ...] = ()  # COLLAB_* settings (its own, `--collab-env`)
 
     def available(self) -> str | None:
         """Why this target cannot run here, or None."""
+        if self.on_redis and not BROKER_URL:
+            return (
+                "needs a broker of its own: --broker-url redis://127.0.0.1:PORT/N"
+                " (or redis+cluster://HOST:PORT)"
+            )
         if self.name == "socketio":
             try:
                 import socketio  # type: ignore[import-untyped]  # noqa: F401
@@ -128,25 +152,53 @@ def _python(module: str, *extra: str) -> Callable[[int], list[str]]:
     return lambda port: [sys.executable, "-m", module, "--port", str(port), *extra]
 
 
+def _collab(workers: int = 1) -> Callable[[int], list[str]]:
+    def command(port: int) -> list[str]:
+        line = [sys.executable, "-m", "collab", "serve", "--port", str(port)]
+        if workers > 1:
+            line += ["--workers", str(workers)]
+        return [*line, "--log-level", "warning"]
+
+    return command
+
+
+# The broker the Redis targets use (`--broker-url`: redis:// or redis+cluster://); emptied
+# before each of their cases.
+BROKER_URL: str | None = None
+
+
 TARGETS: dict[str, Target] = {
     target.name: target
     for target in (
+        Target("collab", "Collab", "collab", "/ws/chat", _collab(), needs_token=True),
         Target(
-            "collab",
-            "Collab",
+            # The same without the collector's tuning (collab/gc_pauses.py): the before/after.
+            "collab-gc-unfrozen",
+            "Collab, GC not frozen",
             "collab",
             "/ws/chat",
-            lambda port: [
-                sys.executable,
-                "-m",
-                "collab",
-                "serve",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
+            _collab(),
             needs_token=True,
+            settings=(("COLLAB_GC_FREEZE", "false"),),
+        ),
+        Target(
+            "collab-redis",
+            "Collab on Redis, 1 process",
+            "collab",
+            "/ws/chat",
+            _collab(),
+            needs_token=True,
+            on_redis=True,
+        ),
+        Target(
+            "collab-redis-2",
+            "Collab on Redis, 2 processes",
+            "collab",
+            "/ws/chat",
+            _collab(workers=2),
+            needs_token=True,
+            on_redis=True,
+            processes=2,
         ),
         Target(
             "websockets",
@@ -185,8 +237,11 @@ def free_port() -> int:
 class Server:
     """One server process on a free loopback port; stopped by its PID."""
 
-    def __init__(self, target: Target, workdir: Path, max_connections: int) -> None:
+    def __init__(
+        self, target: Target, workdir: Path, max_connections: int, gc_log: Path | None = None
+    ) -> None:
         self.target = target
+        self.gc_log = gc_log
         self.port = free_port()
         self.workdir = workdir
         self.max_connections = max_connections
@@ -202,7 +257,13 @@ class Server:
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("COLLAB_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        if self.gc_log is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(GC_LOGGER), env["PYTHONPATH"]])
+            env["FANOUT_GC_LOG"] = str(self.gc_log)
         if self.target.needs_token:  # Collab, on whichever broker
+            if self.target.on_redis:
+                assert BROKER_URL is not None
+                env["COLLAB_BROKER_URL"] = BROKER_URL
             env.update(
                 {
                     "COLLAB_DATABASE_URL": f"sqlite+aiosqlite:///{self.workdir / 'collab.db'}",
@@ -213,7 +274,10 @@ class Server:
                     "COLLAB_RATE_BURST": "1000000",
                     "COLLAB_MAX_CONNECTIONS_PER_USER": str(self.max_connections),
                     "COLLAB_MAX_CONNECTIONS": str(self.max_connections),
-                    **dict(self.target.env),
+                    # A crowd of guest sign-ins (`--guests`) all come from 127.0.0.1.
+                    "COLLAB_AUTH_RATE_LIMIT": "1000000",
+                    "COLLAB_AUTH_RATE_BURST": "1000000",
+                    **dict(self.target.settings),
                 }
             )
         return env
@@ -232,6 +296,8 @@ class Server:
         return self.process
 
     async def start(self, within: float = 60.0) -> None:
+        if self.target.on_redis:
+            await asyncio.to_thread(redis_flush)
         process = self.launch()
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
@@ -246,10 +312,64 @@ class Server:
         else:
             self.stop()
             raise RuntimeError(f"{self.target.name} did not listen in {within}s")
+        if self.target.processes > 1:
+            await self._all_workers(deadline)
         if self.target.needs_token:
             self.token = await asyncio.to_thread(self._guest_token)
         # The PID is for attaching a profiler: py-spy record -p PID
         print(f"  server pid {process.pid}, port {self.port}", flush=True)
+
+    async def _all_workers(self, deadline: float) -> None:
+        """Until every worker has started: the master listens before they have, and a
+        connection made meanwhile would wait for whichever worker is up first. A worker's
+        lifespan connects to the broker before it serves, so a worker holding a connection
+        to the broker is (all but) up; /readyz then answers from a started one."""
+        ports = await asyncio.to_thread(_broker_ports)
+        while True:
+            workers = self.processes()[1:]
+            up = [w for w in workers if _connected_to(w, ports)]
+            if len(up) >= self.target.processes:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.target.name}: workers did not start\n{self.log_tail()}")
+            await asyncio.sleep(0.2)
+        while True:
+            try:
+                await asyncio.to_thread(self._get, "/readyz")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    def _get(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://{self.base}{path}", timeout=10) as response:
+            body: bytes = response.read()
+        return body
+
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and every process it started (uvicorn's workers)."""
+        assert self.ps is not None
+        try:
+            return [self.ps, *self.ps.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return [self.ps]
+
+    def connections_by_process(self) -> list[int]:
+        """Established client connections to the server's port in each process that serves
+        it (uvicorn's workers; not its master, nor helpers that do not listen): where the
+        kernel put the subscribers."""
+        counts = []
+        processes = self.processes()
+        for process in processes[1:] or processes:
+            try:
+                sockets = process.net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            mine = [c for c in sockets if c.laddr and c.laddr.port == self.port]
+            if any(c.status == psutil.CONN_LISTEN for c in mine):
+                counts.append(sum(1 for c in mine if c.status == psutil.CONN_ESTABLISHED))
+        return counts
 
     def _guest_token(self) -> str:
         request = urllib.request.Request(
@@ -268,13 +388,12 @@ class Server:
         return f"ws://{self.base}{path}"
 
     def rss(self) -> int:
-        assert self.ps is not None
-        return int(self.ps.memory_info().rss)
+        """Of every process of the server (one, or uvicorn's master and its workers)."""
+        return sum(_quietly(lambda p: p.memory_info().rss, p, 0) for p in self.processes())
 
     def cpu_seconds(self) -> float:
-        assert self.ps is not None
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
+        """Of every process of the server: the master and each worker."""
+        return float(sum(_quietly(_cpu_of, p, 0.0) for p in self.processes()))
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM, then SIGKILL when it does not go in time; only our own process."""
@@ -287,11 +406,96 @@ class Server:
             self.process.kill()
             self.process.wait(10)
 
+    def collections(self, since: float, until: float) -> list[tuple[float, int, float, int]]:
+        """The collections its processes logged (`--gc-log`) between two monotonic times:
+        (time, generation, milliseconds, objects in generation 2)."""
+        if self.gc_log is None:
+            return []
+        found = []
+        for process in self.processes():
+            path = self.gc_log / f"gc-{process.pid}.log"
+            with contextlib.suppress(OSError):
+                for line in path.read_text().splitlines():
+                    at, generation, took, size = line.split()
+                    ended = float(at)
+                    if since <= ended - float(took) / 1000 and ended <= until:
+                        found.append((ended, int(generation), float(took), int(size)))
+        return sorted(found)
+
     def log_tail(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-3000:]
         except OSError:
             return ""
+
+
+def _cpu_of(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _quietly(read: Callable[[psutil.Process], Any], process: psutil.Process, default: Any) -> Any:
+    """A figure of a process that may have gone meanwhile (then `default`)."""
+    try:
+        return read(process)
+    except psutil.Error:
+        return default
+
+
+def _connected_to(process: psutil.Process, ports: set[int]) -> bool:
+    try:
+        sockets = process.net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.raddr and c.raddr.port in ports for c in sockets)
+
+
+def _broker_masters() -> list[Any]:
+    """Clients of the masters of `--broker-url` (one Redis, or every master of a cluster)."""
+    from loadtests.bench_redis_shard import masters
+
+    assert BROKER_URL is not None
+    return masters(BROKER_URL)
+
+
+def _broker_ports() -> set[int]:
+    shards = _broker_masters()
+    try:
+        return {int(shard.connection_pool.connection_kwargs["port"]) for shard in shards}
+    finally:
+        for shard in shards:
+            shard.close()
+
+
+def redis_flush() -> None:
+    """Empty the broker of `--broker-url` (its database, or every master of a cluster), so
+    that every case starts with a new room."""
+    shards = _broker_masters()
+    try:
+        for shard in shards:
+            shard.flushdb()
+    finally:
+        for shard in shards:
+            shard.close()
+
+
+def _redis_snapshot() -> dict[str, float]:
+    """What the broker's masters have done so far (INFO: commands, bytes, CPU)."""
+    from loadtests.bench_redis_shard import snapshot
+
+    shards = _broker_masters()
+    try:
+        return snapshot(shards)
+    finally:
+        for shard in shards:
+            shard.close()
+
+
+async def _redis_work(server: Server) -> dict[str, float] | None:
+    """The broker's INFO totals for a target on the broker, or None."""
+    if not server.target.on_redis:
+        return None
+    return await asyncio.to_thread(_redis_snapshot)
 
 
 # --- clients -----------------------------------------------------------------------------------
@@ -309,6 +513,7 @@ class Recorder:
         "latencies",
         "members",
         "progress",
+        "slowest",
         "waiting",
     )
 
@@ -320,6 +525,7 @@ class Recorder:
         self.gaps = 0
         self.last_delivery = 0.0
         self.latencies: list[float] | None = None
+        self.slowest = (0.0, 0.0)  # the longest latency while recording, and when it was sent
         self.progress = asyncio.Event()
         self.waiting = False
 
@@ -328,7 +534,10 @@ class Recorder:
         self.deliveries += 1
         self.last_delivery = now
         if self.latencies is not None:
-            self.latencies.append(now - sent)
+            latency = now - sent
+            self.latencies.append(latency)
+            if latency > self.slowest[0]:
+                self.slowest = (latency, sent)
         # In order per publisher (several publishers' messages interleave in any order).
         if seq != session.seen.get(source, 0) + 1:
             self.gaps += 1
@@ -379,6 +588,7 @@ class Session:
         "error",
         "index",
         "last_seq",
+        "presence_events",
         "publisher",
         "ready",
         "recorder",
@@ -388,9 +598,17 @@ class Session:
     )
 
     def __init__(
-        self, dialect: str, recorder: Recorder, *, publisher: bool = False, index: int = 0
+        self,
+        dialect: str,
+        recorder: Recorder,
+        *,
+        publisher: bool = False,
+        index: int = 0,
+        presence_events: bool | None = False,
     ) -> None:
         self.dialect = dialect
+        # None: the join leaves it out, and gets the default (events on), as a browser does.
+        self.presence_events = presence_events
         self.recorder = recorder
         self.publisher = publisher
         self.index = index  # a publisher's number, in the body of what it publishes
@@ -423,7 +641,9 @@ class Session:
     def _collab_control(self, ws: WebSocketClient, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "welcome":
-            join = {"type": "join", "id": 0, "room": ROOM, "presence_events": False}
+            join: dict[str, Any] = {"type": "join", "id": 0, "room": ROOM}
+            if self.presence_events is not None:
+                join["presence_events"] = self.presence_events
             ws.send(orjson.dumps(join))
         elif kind == "joined":
             if not self.ready.done():
@@ -482,9 +702,12 @@ async def open_session(
     *,
     publisher: bool = False,
     index: int = 0,
+    presence_events: bool | None = False,
     within: float = 30.0,
 ) -> Session:
-    session = Session(dialect, recorder, publisher=publisher, index=index)
+    session = Session(
+        dialect, recorder, publisher=publisher, index=index, presence_events=presence_events
+    )
     session.ws = await connect(url, session.on_text, within=within)
     try:
         await asyncio.wait_for(asyncio.shield(session.ready), within)
@@ -494,6 +717,35 @@ async def open_session(
             session.ready.exception()
         raise
     return session
+
+
+class GuestDoor:
+    """Subscribers that arrive as a browser does: each signs in as a guest of its own over
+    REST (`POST /auth/guest`: a user row each), then connects with that token and joins with
+    the default presence settings (the events on), so the room has N distinct users."""
+
+    def __init__(self, server: Server, recorder: Recorder, concurrency: int) -> None:
+        import httpx
+
+        self.server = server
+        self.recorder = recorder
+        # A connection per sign-in: each guest is a browser of its own (and no request races
+        # the server's keep-alive timeout on a connection it is closing).
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+        self.client = httpx.AsyncClient(base_url=f"http://{server.base}", limits=limits, timeout=30)
+        self.names = itertools.count(1)
+
+    async def open(self) -> Session:
+        response = await self.client.post("/auth/guest", json={"name": f"guest {next(self.names)}"})
+        response.raise_for_status()
+        token = response.json()["access_token"]
+        url = f"ws://{self.server.base}{self.server.target.path}?token={token}"
+        return await open_session(
+            url, self.server.target.dialect, self.recorder, presence_events=None
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 async def open_many(
@@ -577,6 +829,8 @@ class Options:
     concurrency: int = 200
     settle: float = 2.0
     publishers: int = 1
+    guests: bool = False
+    gc_log: Path | None = None
 
 
 @dataclass
@@ -595,6 +849,16 @@ class Phase:
     p99_ms: float | None = None
     p999_ms: float | None = None
     max_ms: float | None = None
+    # When the message of the longest latency was sent, in seconds from the phase's start
+    # (and on the machine's monotonic clock, to line it up with a server's own logs).
+    max_sent_after_s: float | None = None
+    max_sent_monotonic: float | None = None
+    # With --gc-log: the server's full (generation 2) collections during the phase, the
+    # longest of them, the most objects one walked, and the longest pause of any generation.
+    gc_full_passes: int | None = None
+    gc_full_longest_ms: float | None = None
+    gc_full_most_objects: int | None = None
+    gc_longest_ms: float | None = None
     ack_p50_ms: float | None = None
     ack_p99_ms: float | None = None
     server_cpu: float = 0.0
@@ -604,8 +868,13 @@ class Phase:
     deliveries_per_server_cpu_s: int = 0
     # Published messages per second of server CPU (each also costs its deliveries).
     messages_per_server_cpu_s: int = 0
+    # Seconds of CPU of every server process per million deliveries: the figure that still
+    # means something when the generator is the limit. The broker's own, apart.
+    server_cpu_s_per_million: float | None = None
+    redis_cpu: float | None = None  # % of one core, the broker's masters together
+    redis_cpu_s_per_million: float | None = None
     disconnected: int = 0
-    # On the broker's masters, per published message (targets with `redis_info`, burst only).
+    # On the broker's masters (INFO), per published message (targets on the broker).
     redis: dict[str, float] | None = None
 
 
@@ -620,9 +889,51 @@ class Case:
     rss_before: int = 0
     rss_after: int = 0
     bytes_per_connection: float = 0.0
+    connections_per_s: float = 0.0
+    # Subscribers per serving process (uvicorn's workers, when there are several).
+    connections_by_process: list[int] = field(default_factory=list)
+    guests: bool = False  # each subscriber signed in as a guest of its own
     burst: Phase | None = None
     rate: Phase | None = None
     error: str | None = None
+
+
+def _collections(phase: Phase, server: Server, started: float) -> None:
+    if server.gc_log is None:
+        return
+    passes = server.collections(started, time.monotonic())
+    full = [p for p in passes if p[1] == 2]
+    phase.gc_full_passes = len(full)
+    phase.gc_full_longest_ms = max((p[2] for p in full), default=0.0)
+    phase.gc_full_most_objects = max((p[3] for p in full), default=0)
+    phase.gc_longest_ms = max((p[2] for p in passes), default=0.0)
+
+
+def _cpu_per_delivery(
+    phase: Phase,
+    meter: CpuMeter,
+    redis_before: dict[str, float] | None,
+    redis_after: dict[str, float] | None,
+) -> None:
+    """The server's CPU per delivery and per message, and, on a broker, the work of its
+    masters (INFO) per published message and per delivery (its CPU leaves `others`)."""
+    seconds = max(meter.server_seconds, 1e-9)
+    phase.deliveries_per_server_cpu_s = round(phase.deliveries / seconds)
+    phase.messages_per_server_cpu_s = round(phase.published / seconds)
+    if phase.deliveries:
+        phase.server_cpu_s_per_million = round(meter.server_seconds / phase.deliveries * 1e6, 2)
+    if redis_before is None or redis_after is None:
+        return
+    work = {key: redis_after[key] - redis_before[key] for key in redis_after}
+    wall = max(time.monotonic() - meter.wall, 1e-9)
+    phase.redis_cpu = round(work["cpu"] / wall * 100, 1)
+    phase.others_cpu = round(max(0.0, phase.others_cpu - phase.redis_cpu), 1)
+    if phase.deliveries:
+        phase.redis_cpu_s_per_million = round(work["cpu"] / phase.deliveries * 1e6, 2)
+    if phase.published:
+        per = {key: value / phase.published for key, value in work.items()}
+        per["cpu_us"] = per.pop("cpu") * 1e6
+        phase.redis = {f"{key}_per_message": round(value, 2) for key, value in per.items()}
 
 
 async def _burst(
@@ -635,6 +946,7 @@ async def _burst(
     """As fast as acks come back, from every publisher in turn, `opts.window` unacknowledged
     publishes in all."""
     phase = Phase()
+    redis_before = await _redis_work(server)
     meter = CpuMeter(server)
     sent = 0
     start_deliveries, start_gaps = recorder.deliveries, recorder.gaps
@@ -653,7 +965,6 @@ async def _burst(
         behind = sent - (recorder.complete - start_complete)
         return unacked() < opts.window and behind < max_lag
 
-    redis_before = await asyncio.to_thread(_redis_work, server.target.redis_info)
     while time.monotonic() < deadline:
         if not may_send():
             if unacked() < opts.window:
@@ -682,28 +993,8 @@ async def _burst(
     phase.deliveries_per_s = round(phase.deliveries / phase.seconds)
     phase.messages_per_s = round(phase.published / phase.seconds, 1)
     phase.disconnected = sum(1 for s in subs if s.ws is None or not s.ws.is_open)
-    phase.deliveries_per_server_cpu_s = round(phase.deliveries / max(meter.server_seconds, 1e-9))
-    phase.messages_per_server_cpu_s = round(phase.published / max(meter.server_seconds, 1e-9))
-    redis_after = await asyncio.to_thread(_redis_work, server.target.redis_info)
-    if redis_before is not None and redis_after is not None and phase.published:
-        per = {key: (redis_after[key] - redis_before[key]) / phase.published for key in redis_after}
-        per["cpu_us"] = per.pop("cpu") * 1e6
-        phase.redis = {f"{key}_per_message": round(value, 2) for key, value in per.items()}
+    _cpu_per_delivery(phase, meter, redis_before, await _redis_work(server))
     return phase
-
-
-def _redis_work(url: str | None) -> dict[str, float] | None:
-    """What the broker's masters have done so far (INFO), or None without a broker to read."""
-    if url is None:
-        return None
-    from loadtests.bench_redis_shard import masters, snapshot
-
-    shards = masters(url)
-    try:
-        return snapshot(shards)
-    finally:
-        for shard in shards:
-            shard.close()
 
 
 async def _rate(
@@ -713,9 +1004,11 @@ async def _rate(
     count = max(1, round(opts.rate * opts.rate_seconds))
     interval = 1.0 / opts.rate
     recorder.latencies = []
+    recorder.slowest = (0.0, 0.0)
     publisher.ack_latencies = []
     start_deliveries, start_gaps = recorder.deliveries, recorder.gaps
     start_acked, start_complete = publisher.acked, recorder.complete
+    redis_before = await _redis_work(server)
     meter = CpuMeter(server)
     started = time.monotonic()
     seq = publisher.last_seq
@@ -743,11 +1036,15 @@ async def _rate(
     phase.p50_ms = ms(percentile(latencies, 50))
     phase.p99_ms = ms(percentile(latencies, 99))
     phase.p999_ms = ms(percentile(latencies, 99.9))
+    _collections(phase, server, started)
     phase.max_ms = ms(max(latencies) if latencies else None)
+    if latencies:
+        phase.max_sent_after_s = round(recorder.slowest[1] - started, 3)
+        phase.max_sent_monotonic = round(recorder.slowest[1], 3)
     phase.ack_p50_ms = ms(percentile(acks, 50))
     phase.ack_p99_ms = ms(percentile(acks, 99))
     phase.disconnected = sum(1 for s in subs if s.ws is None or not s.ws.is_open)
-    phase.deliveries_per_server_cpu_s = round(phase.deliveries / max(meter.server_seconds, 1e-9))
+    _cpu_per_delivery(phase, meter, redis_before, await _redis_work(server))
     return phase
 
 
@@ -755,8 +1052,9 @@ async def run_case(
     target: Target, subscribers: int, run: int, opts: Options, workdir: Path
 ) -> Case:
     case = Case(target.name, subscribers, run)
-    server = Server(target, workdir, max_connections=subscribers + 1000)
+    server = Server(target, workdir, subscribers + 1000, opts.gc_log)
     sessions: list[Session] = []
+    door: GuestDoor | None = None
     try:
         await server.start()
         recorder = Recorder()
@@ -768,18 +1066,32 @@ async def run_case(
         sessions.extend(publishers)
         await asyncio.sleep(opts.settle)
         case.rss_before = server.rss()
+        opener: Callable[[], Awaitable[Session]]
+        if opts.guests and target.needs_token:
+            case.guests = True
+            door = GuestDoor(server, recorder, opts.concurrency)
+            opener = door.open
+        else:
+            opener = lambda: open_session(url, target.dialect, recorder)  # noqa: E731
         subs, case.failures, case.connect_seconds = await open_many(
-            subscribers, lambda: open_session(url, target.dialect, recorder), opts.concurrency
+            subscribers, opener, opts.concurrency
         )
         sessions.extend(subs)
         case.connect_seconds = round(case.connect_seconds, 3)
+        case.connections_per_s = round(len(subs) / max(case.connect_seconds, 1e-9), 1)
         case.joined = len(subs)
         recorder.members = len(subs)
         await asyncio.sleep(opts.settle)
         case.rss_after = server.rss()
+        case.connections_by_process = server.connections_by_process()
+        # The generator's own collections would walk every session and delay what it reads
+        # (measured: passes of hundreds of ms in the rate phase); it must not measure itself.
+        gc.collect()
+        gc.freeze()
         if subs:
             case.bytes_per_connection = round((case.rss_after - case.rss_before) / len(subs))
-            case.burst = await _burst(server, publishers, recorder, subs, opts)
+            if opts.burst_seconds > 0:  # 0: the rate phase right after the crowd came in
+                case.burst = await _burst(server, publishers, recorder, subs, opts)
             case.rate = await _rate(server, publishers[0], recorder, subs, opts)
     except Exception as exc:  # one failed case is reported; the others still run
         case.error = f"{type(exc).__name__}: {exc!r}"
@@ -790,6 +1102,9 @@ async def run_case(
         for session in sessions:
             if session.ws is not None:
                 session.ws.abort()
+        gc.unfreeze()
+        if door is not None:
+            await door.close()
         # In a thread: the loop must go on running to carry out those aborts.
         await asyncio.to_thread(server.stop)
     return case
@@ -937,6 +1252,10 @@ def median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _sum_phases(case: dict[str, Any], key: str) -> int:
+    return sum(int(case[phase][key]) for phase in ("burst", "rate") if case.get(phase))
+
+
 def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
     """Medians over runs, per target and number of subscribers."""
     table: dict[str, dict[int, dict[str, Any]]] = {}
@@ -944,17 +1263,17 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]
     for case in cases:
         groups.setdefault((case["target"], case["subscribers"]), []).append(case)
     for (target, n), runs in sorted(groups.items()):
-        ok = [r for r in runs if r.get("burst") and r.get("rate")]
+        ok = [r for r in runs if r.get("rate")]
 
         def pick(phase: str, key: str, ok: list[dict[str, Any]] = ok) -> float | None:
-            return median([r[phase][key] for r in ok])
+            return median([(r[phase] or {}).get(key) for r in ok])
 
         table.setdefault(target, {})[n] = {
             "runs": len(runs),
             "ok_runs": len(ok),
             "deliveries_per_s": pick("burst", "deliveries_per_s"),
             "deliveries_per_cpu_s": median(
-                [r["burst"].get("deliveries_per_server_cpu_s") or None for r in ok]
+                [(r["burst"] or {}).get("deliveries_per_server_cpu_s") or None for r in ok]
             ),
             "messages_per_cpu_s": median(
                 [r["burst"].get("messages_per_server_cpu_s") or None for r in ok]
@@ -966,8 +1285,8 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]
             "p99_ms": pick("rate", "p99_ms"),
             "ack_p99_ms": pick("rate", "ack_p99_ms"),
             "bytes_per_connection": median([r["bytes_per_connection"] for r in ok]),
-            "lost": sum(r["burst"]["lost"] + r["rate"]["lost"] for r in ok),
-            "gaps": sum(r["burst"]["gaps"] + r["rate"]["gaps"] for r in ok),
+            "lost": sum(_sum_phases(r, "lost") for r in ok),
+            "gaps": sum(_sum_phases(r, "gaps") for r in ok),
             "failures": sum(sum(r["failures"].values()) for r in runs),
             "errors": [r["error"] for r in runs if r.get("error")],
         }
@@ -1081,12 +1400,13 @@ def markdown(paths: Sequence[Path]) -> str:
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for (n, target), runs in sorted(groups.items()):
-            ok = [r for r in runs if r.get("burst") and r.get("rate")]
-            lost = sum(r["burst"]["lost"] + r["rate"]["lost"] for r in ok)
+            ok = [r for r in runs if r.get("rate")]
+            lost = sum(_sum_phases(r, "lost") for r in ok)
+            bursts = [r["burst"] or {} for r in ok]
             lines.append(
                 f"| {n} | {labels.get(target, target)} "
-                f"| {_spread([r['burst']['deliveries_per_s'] for r in ok])} "
-                f"| {_fmt(median([r['burst'].get('deliveries_per_server_cpu_s') for r in ok]))} "
+                f"| {_spread([b.get('deliveries_per_s') for b in bursts])} "
+                f"| {_fmt(median([b.get('deliveries_per_server_cpu_s') for b in bursts]))} "
                 f"| {_spread([r['rate']['p50_ms'] for r in ok], 1)} "
                 f"| {_spread([r['rate']['p99_ms'] for r in ok], 1)} "
                 f"| {_fmt(median([r['bytes_per_connection'] / 1024 for r in ok]), 1)} "
@@ -1112,6 +1432,8 @@ def markdown(paths: Sequence[Path]) -> str:
                         f"| x{_ratio(mine[n], per[n], 'p99_ms')} "
                         f"| x{_ratio(mine[n], per[n], 'bytes_per_connection')} |"
                     )
+    if compare_cases:
+        lines += ["", *per_run_latency(compare_cases), "", *per_run_scale(compare_cases)]
     if connection_cases:
         groups2: dict[str, list[dict[str, Any]]] = {}
         for case in connection_cases:
@@ -1135,6 +1457,66 @@ def markdown(paths: Sequence[Path]) -> str:
                 f"| {len(runs)} |"
             )
     return "\n".join(lines)
+
+
+def per_run_latency(cases: list[dict[str, Any]]) -> list[str]:
+    """The rate phase's p99 and maximum latency of every run, the targets side by side: a
+    tail must be as good in every run, not only in the median of runs."""
+    labels = {t.name: t.label for t in TARGETS.values()}
+    targets = list(dict.fromkeys(c["target"] for c in cases))
+    rows: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    guests: dict[tuple[int, int], bool] = {}
+    for case in cases:
+        key = (case["subscribers"], case["run"])
+        rows.setdefault(key, {})[case["target"]] = case
+        guests[key] = guests.get(key, False) or bool(case.get("guests"))
+    lines = [
+        "| subscribers | run | guests | "
+        + " | ".join(f"{labels.get(t, t)} p99 / max ms" for t in targets)
+        + " |",
+        "|---:|---:|---|" + "---:|" * len(targets),
+    ]
+    for (n, run), per in sorted(rows.items()):
+        cells = []
+        for target in targets:
+            rate = (per.get(target) or {}).get("rate")
+            cell = f"{_fmt(rate['p99_ms'], 1)} / {_fmt(rate.get('max_ms'), 1)}" if rate else "-"
+            if rate and rate.get("gc_full_passes"):  # --gc-log: full collections in the phase
+                cell += f" (GC: {rate['gc_full_passes']}, {_fmt(rate['gc_full_longest_ms'])} ms)"
+            cells.append(cell)
+        lines.append(
+            f"| {n} | {run} | {'yes' if guests[(n, run)] else 'no'} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def per_run_scale(cases: list[dict[str, Any]]) -> list[str]:
+    """Every run's throughput, connects and CPU per million deliveries (burst phase)."""
+    labels = {t.name: t.label for t in TARGETS.values()}
+    lines = [
+        "| subscribers | run | server | deliveries/s | connects/s | server CPU-s per M "
+        "| Redis CPU-s per M | subscribers per process | lost |",
+        "|---:|---:|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for case in sorted(cases, key=lambda c: (c["subscribers"], c["run"])):
+        rate = case.get("rate")
+        burst = case.get("burst") or {}
+        if not rate:
+            lines.append(
+                f"| {case['subscribers']} | {case['run']} | {labels.get(case['target'])} "
+                f"| failed: {case.get('error')} | | | | | |"
+            )
+            continue
+        by_process = case.get("connections_by_process") or []
+        spread = " + ".join(str(c) for c in by_process) if len(by_process) > 1 else "-"
+        lines.append(
+            f"| {case['subscribers']} | {case['run']} | {labels.get(case['target'])} "
+            f"| {_fmt(burst.get('deliveries_per_s'))} | {_fmt(case.get('connections_per_s'))} "
+            f"| {_fmt(burst.get('server_cpu_s_per_million'), 2)} "
+            f"| {_fmt(burst.get('redis_cpu_s_per_million'), 2)} | {spread} "
+            f"| {_sum_phases(case, 'lost')} |"
+        )
+    return lines
 
 
 def plot(paths: Sequence[Path], out: Path) -> None:
@@ -1250,34 +1632,22 @@ def _write(out: Path, payload: dict[str, Any]) -> None:
     out.write_text(json.dumps(payload, indent=1))
 
 
-def _with_broker(targets: list[Target], args: argparse.Namespace) -> list[Target]:
-    """Collab's settings from `--collab-env` for every Collab target, and with `--broker-url`
-    a second Collab target on that broker, right after the first."""
+def _with_settings(targets: list[Target], args: argparse.Namespace) -> list[Target]:
+    """Collab's settings from `--collab-env` for every Collab target; a `--broker-url` that no
+    target uses is a mistake worth stopping for (the figures would be the memory broker's)."""
     extra = tuple(tuple(item.split("=", 1)) for item in args.collab_env)
     if any(len(pair) != 2 for pair in extra):
         raise SystemExit("--collab-env takes NAME=VALUE")
-    chosen: list[Target] = []
-    for target in targets:
-        if not target.needs_token:
-            chosen.append(target)
-            continue
-        chosen.append(dataclasses.replace(target, env=target.env + extra))
-        if args.broker_url:
-            scheme = args.broker_url.split("://", 1)[0]
-            chosen.append(
-                dataclasses.replace(
-                    target,
-                    name=f"{target.name}-redis",
-                    label=f"{target.label} on {scheme}",
-                    env=(*extra, ("COLLAB_BROKER_URL", args.broker_url)),
-                    redis_info=args.broker_url,
-                )
-            )
-    return chosen
+    if BROKER_URL and not any(t.on_redis for t in targets):
+        on_broker = ", ".join(n for n, t in TARGETS.items() if t.on_redis)
+        raise SystemExit(f"--broker-url: name a target on the broker in --targets ({on_broker})")
+    return [
+        dataclasses.replace(t, settings=t.settings + extra) if t.needs_token else t for t in targets
+    ]
 
 
 async def compare(args: argparse.Namespace) -> Path:
-    targets = _with_broker(_targets(args.targets), args)
+    targets = _with_settings(_targets(args.targets), args)
     sizes = [int(s) for s in args.subscribers.split(",") if s.strip()]
     opts = Options(
         window=args.window,
@@ -1289,13 +1659,15 @@ async def compare(args: argparse.Namespace) -> Path:
         concurrency=args.concurrency,
         settle=args.settle,
         publishers=args.publishers,
+        guests=args.guests,
+        gc_log=args.gc_log,
     )
     _raise_fd_limit(max(sizes) + 100)
     out = Path(args.out or RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json")
     payload: dict[str, Any] = {
         "mode": "compare",
         "command": " ".join(["python -m loadtests.fanout", *sys.argv[1:]]),
-        "options": asdict(opts),
+        "options": {**asdict(opts), "gc_log": str(opts.gc_log) if opts.gc_log else None},
         "environment": environment(),
         "cases": [],
     }
@@ -1319,7 +1691,9 @@ def _report_case(case: Case) -> None:
     failed = sum(case.failures.values())
     print(
         f"  joined {case.joined}/{case.subscribers} in {case.connect_seconds:.1f}s"
-        f" ({failed} failed), {case.bytes_per_connection / 1024:.1f} KB per connection"
+        f" ({case.connections_per_s:,.0f}/s{', guests' if case.guests else ''}; {failed} failed),"
+        f" {case.bytes_per_connection / 1024:.1f} KB per connection;"
+        f" connections per server process: {case.connections_by_process}"
     )
     for reason, count in case.failures.items():
         print(f"    {count} x {reason}")
@@ -1328,13 +1702,26 @@ def _report_case(case: Case) -> None:
             continue
         latency = ""
         if phase.p50_ms is not None:
-            latency = f", p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms"
+            latency = (
+                f", p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms, max {phase.max_ms:.2f} ms"
+                f" (sent at +{phase.max_sent_after_s} s, monotonic {phase.max_sent_monotonic})"
+            )
+        if phase.gc_full_passes is not None:
+            latency += (
+                f", server GC: {phase.gc_full_passes} full passes (longest"
+                f" {phase.gc_full_longest_ms} ms, {phase.gc_full_most_objects:,} objects),"
+                f" longest pause {phase.gc_longest_ms} ms"
+            )
+        redis = ""
+        if phase.redis_cpu is not None:
+            redis = f", Redis {phase.redis_cpu:.0f}% ({phase.redis_cpu_s_per_million} s)"
         print(
             f"  {name}: {phase.published} published, {phase.deliveries_per_s:,} deliveries/s"
             f"{latency}, lost {phase.lost}, gaps {phase.gaps},"
             f" CPU: server {phase.server_cpu:.0f}%, generator {phase.generator_cpu:.0f}%,"
-            f" others {phase.others_cpu:.0f}%; {phase.deliveries_per_server_cpu_s:,} deliveries"
-            f" and {phase.messages_per_server_cpu_s:,} messages per server CPU-second"
+            f" others {phase.others_cpu:.0f}%{redis}; {phase.deliveries_per_server_cpu_s:,}"
+            f" deliveries ({phase.server_cpu_s_per_million} s per million) and"
+            f" {phase.messages_per_server_cpu_s:,} messages per server CPU-second"
         )
         if phase.redis is not None:
             print(f"  Redis per published message: {phase.redis}")
@@ -1383,16 +1770,25 @@ def _loop_run(coro: Awaitable[Path]) -> Path:
     return uvloop.run(main())
 
 
+def _broker_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--broker-url",
+        help="the broker of the targets collab-redis and collab-redis-2 (redis://HOST:PORT/N or "
+        "redis+cluster://HOST:PORT, on this machine); EMPTIED before each of their cases",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="python -m loadtests.fanout",
         description="Fan-out and connection benchmarks: Collab against peer servers.",
     )
     sub = top.add_subparsers(dest="mode", required=True)
-    every = ",".join(TARGETS)
+    every = ",".join(n for n, t in TARGETS.items() if not (t.on_redis or t.settings))
+    everything = ",".join(TARGETS)
 
     c = sub.add_parser("compare", help="N subscribers in one room: throughput, latency, memory")
-    c.add_argument("--targets", default=every, help=f"comma-separated, from {every}")
+    c.add_argument("--targets", default=every, help=f"comma-separated, from {everything}")
     c.add_argument("--subscribers", default="250,500,1000,2000", help="comma-separated sizes")
     c.add_argument("--runs", type=int, default=3, help="runs of every case (medians reported)")
     c.add_argument("--window", type=int, default=256, help="unacknowledged publishes at most")
@@ -1416,10 +1812,6 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--concurrency", type=int, default=200, help="handshakes in flight")
     c.add_argument("--settle", type=float, default=2.0, help="seconds before reading RSS")
     c.add_argument(
-        "--broker-url",
-        help="also run Collab as a hub node on this broker (redis://, redis+cluster://)",
-    )
-    c.add_argument(
         "--collab-env",
         action="append",
         default=[],
@@ -1428,6 +1820,18 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--out", help="results JSON (default loadtests/results/fanout-<time>.json)")
     c.add_argument("--plot", help="also write the plot to this PNG")
+    c.add_argument(
+        "--guests",
+        action="store_true",
+        help="Collab's subscribers each sign in as a guest of their own (REST) and join with "
+        "presence events on, as browsers do; the peers get the same number of subscribers",
+    )
+    c.add_argument(
+        "--gc-log",
+        help="a folder: the Python servers log their garbage collections there "
+        "(loadtests/gclog), and each rate phase reports the full collections it met",
+    )
+    _broker_option(c)
 
     k = sub.add_parser("connections", help="many idle joined connections: all must succeed")
     k.add_argument("--targets", default="collab")
@@ -1437,6 +1841,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--concurrency", type=int, default=200)
     k.add_argument("--settle", type=float, default=2.0)
     k.add_argument("--out")
+    _broker_option(k)
 
     r = sub.add_parser("report", help="Markdown tables of results files (medians, ranges)")
     r.add_argument("results", nargs="+", type=Path)
@@ -1449,6 +1854,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    global BROKER_URL
+    BROKER_URL = getattr(args, "broker_url", None)
+    if getattr(args, "gc_log", None):
+        args.gc_log = Path(args.gc_log).resolve()
+        args.gc_log.mkdir(parents=True, exist_ok=True)
     if args.mode == "report":
         print(markdown(args.results))
         return 0

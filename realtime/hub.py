@@ -71,6 +71,8 @@ class Hub:
         self.channels: dict[str, Channel] = {}
         self.connections: dict[str, Connection] = {}
         self.user_connections: dict[str, int] = {}
+        self.opened = 0  # connections added since start, and removed
+        self.closed = 0
         self._sub_ops: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.deliveries = 0
@@ -87,12 +89,14 @@ class Hub:
     # -- connections ---------------------------------------------------------------------------
 
     def add_connection(self, conn: Connection) -> None:
+        self.opened += 1
         self.connections[conn.conn_id] = conn
         self.user_connections[conn.user.id] = self.user_connections.get(conn.user.id, 0) + 1
 
     def remove_connection(self, conn: Connection) -> None:
         if self.connections.pop(conn.conn_id, None) is None:
             return
+        self.closed += 1
         left = self.user_connections.get(conn.user.id, 1) - 1
         if left > 0:
             self.user_connections[conn.user.id] = left
