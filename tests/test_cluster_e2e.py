@@ -403,8 +403,12 @@ async def test_killed_node_users_leave_presence_within_the_timeout(
     assert took < PRESENCE_TIMEOUT * 4 / 3 + 0.5, took
     assert leave["room"] == room and ann_id not in names_in(leave, "joins")
     assert carol_id not in names_in(leave, "leaves"), "carol still has a tab on the survivor"
-    # Carol's tab on the dead node goes too, and only that tab.
-    assert await presence_of(bob, room) == {bob_id: 1, carol_id: 1}
+    # Carol's tab on the dead node goes too, and only that tab: in the same sweep, or in the
+    # next if the dead node's last refresh of it came a moment after ann's.
+    deadline = time.monotonic() + PRESENCE_TIMEOUT / 3 + 2
+    while (seen := await presence_of(bob, room)) != {bob_id: 1, carol_id: 1}:
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.1)
     assert await presence_of(carol_tab2, room) == {bob_id: 1, carol_id: 1}
     assert await bob.no_frame(diff_naming(carol_id, "leaves"), wait=PRESENCE_TIMEOUT / 2)
     # The survivor serves on.
