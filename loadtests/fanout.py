@@ -1276,7 +1276,7 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]
                 [(r["burst"] or {}).get("deliveries_per_server_cpu_s") or None for r in ok]
             ),
             "messages_per_cpu_s": median(
-                [r["burst"].get("messages_per_server_cpu_s") or None for r in ok]
+                [(r["burst"] or {}).get("messages_per_server_cpu_s") or None for r in ok]
             ),
             "messages_per_s": pick("burst", "messages_per_s"),
             "burst_server_cpu": pick("burst", "server_cpu"),
