@@ -44,6 +44,9 @@ class Member:
     pending: list[tuple[int, Outgoing]] | None = field(default_factory=list)
     pending_bytes: int = 0
     presence_events: bool = True
+    # The epochs resets voided while this member was still joining: a reply naming one is
+    # void too, a reply naming a newer one (read after a failover) is good.
+    voided_epochs: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -163,6 +166,10 @@ class Hub:
         member = channel.members.get(conn.conn_id) if channel else None
         if channel is None or member is None:
             return
+        if floor.epoch in member.voided_epochs:
+            member.pending, member.pending_bytes = None, 0
+            conn.close_soon(CloseCode.INTERNAL_ERROR, "stream interrupted, recover")
+            return
         if channel.epoch is None or channel.epoch != floor.epoch:
             # The channel's first position on this node, or the member saw a newer epoch.
             channel.epoch, channel.offset = floor.epoch, max(floor.offset, 0)
@@ -257,9 +264,10 @@ class Hub:
                 self._spawn(self._recover(channel))
                 return
         elif channel.epoch is not None and channel.offset > 0:
-            # The broker lost the channel's counter: every position clients hold is void.
+            # The broker lost the channel's counter: every position clients hold in the old
+            # epoch is void. The publication starts the new one, for members still joining
+            # whose reply names it.
             self._reset(channel)
-            return
         self._deliver(channel, publication)
 
     def _add_backlog(self, channel: Channel, publication: Publication) -> None:
@@ -358,12 +366,24 @@ class Hub:
                 self._deliver(channel, publication)
 
     def _reset(self, channel: Channel) -> None:
-        """Positions on this channel can no longer be continued: members reconnect and recover."""
+        """Positions on this channel can no longer be continued: members reconnect and recover.
+
+        A member still joining is judged on activation, by the position its reply names: one
+        read in the voided epoch is sent off like the others, one read in a newer epoch (a
+        client that rejoins right after a failover, before this node has heard of it) is the
+        channel's new start, and is not sent off for a stream it never had."""
         log.warning("channel %s lost continuity; asking its members to recover", channel.name)
+        voided, channel.epoch, channel.offset = channel.epoch, None, 0
         channel.backlog.clear()
         channel.backlog_bytes = 0
         for member in list(channel.members.values()):
-            member.conn.close_soon(CloseCode.INTERNAL_ERROR, "stream interrupted, recover")
+            if member.pending is None:
+                member.conn.close_soon(CloseCode.INTERNAL_ERROR, "stream interrupted, recover")
+            else:
+                # What it held belongs to the voided stream.
+                member.pending, member.pending_bytes = [], 0
+                if voided is not None:
+                    member.voided_epochs += (voided,)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

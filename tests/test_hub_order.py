@@ -108,3 +108,75 @@ async def test_two_first_joiners_at_once_both_get_everything_after_their_floor()
     assert first_got == [11, 12]
     assert second_got == [9, 10, 11, 12]
     await hub.close()
+
+
+class SwitchedBroker(QuietBroker):
+    """A broker whose window no longer knows the channel's epoch: a failover happened."""
+
+
+async def test_a_member_joining_in_the_new_epoch_is_not_sent_off_for_the_old_one() -> None:
+    """A master failover gives a room a new epoch. A node that has not heard of it yet still
+    has the room's old stream when a client (sent off by another node) rejoins here and reads
+    the new position; the node then learns of the switch. The members of the old stream are
+    sent off to recover; the newcomer, whose reply names the new epoch, keeps its connection
+    and gets the new stream from its floor on."""
+    hub = Hub(SwitchedBroker())  # type: ignore[arg-type]
+    old, old_got = member("old")
+    await hub.add_member(CHANNEL, old)
+    hub.activate(CHANNEL, old, Position("e1", 5))
+    hub.on_publication(publication(6))
+    new, new_got = member("new")
+    await hub.add_member(CHANNEL, new)  # pending: its reply is not out yet
+    hub.on_publication(publication(7))  # held for it, in the old stream
+    hub.on_publication(publication(1, epoch="e2"))  # the node hears of the new epoch
+    hub.on_publication(publication(2, epoch="e2"))
+    hub.activate(CHANNEL, new, Position("e2", 1))  # read after the failover
+    hub.on_publication(publication(3, epoch="e2"))
+    await asyncio.sleep(0.05)
+
+    assert old_got == [6, 7, -1], "the old stream's member is sent off to recover"
+    assert new_got == [2, 3], "the newcomer gets the new stream above its floor, nothing old"
+    assert not new.closing
+    await hub.close()
+
+
+async def test_a_member_joining_in_the_voided_epoch_is_sent_off_too() -> None:
+    """The same switch, but the newcomer read its position before the failover: its reply
+    names the old epoch, so it is sent off to recover like the members already there."""
+    hub = Hub(SwitchedBroker())  # type: ignore[arg-type]
+    old, old_got = member("old")
+    await hub.add_member(CHANNEL, old)
+    hub.activate(CHANNEL, old, Position("e1", 5))
+    new, new_got = member("new")
+    await hub.add_member(CHANNEL, new)
+    hub.on_publication(publication(1, epoch="e2"))
+    hub.activate(CHANNEL, new, Position("e1", 5))
+    hub.on_publication(publication(2, epoch="e2"))
+    await asyncio.sleep(0.05)
+
+    assert old_got == [-1]
+    assert new_got == [-1], "a reply in the voided epoch is void: sent off, handed nothing"
+    await hub.close()
+
+
+async def test_a_failed_recovery_spares_a_joiner_already_in_the_new_epoch() -> None:
+    """The other way a node learns of a failover: its pub/sub moves to the new master and the
+    gap recovery finds the old epoch gone from the window. A member joining meanwhile with the
+    new epoch's position keeps its connection and gets what follows."""
+    hub = Hub(SwitchedBroker())  # type: ignore[arg-type]
+    old, old_got = member("old")
+    await hub.add_member(CHANNEL, old)
+    hub.activate(CHANNEL, old, Position("e1", 5))
+    new, new_got = member("new")
+    await hub.add_member(CHANNEL, new)
+    hub.on_resubscribed([CHANNEL])  # recovery asks the window, which has no e1 any more
+    deadline = asyncio.get_running_loop().time() + 5
+    while not old_got and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    hub.activate(CHANNEL, new, Position("e2", 3))
+    hub.on_publication(publication(3, epoch="e2"))
+    hub.on_publication(publication(4, epoch="e2"))
+
+    assert old_got == [-1]
+    assert new_got == [4]
+    await hub.close()
