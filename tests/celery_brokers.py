@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from loadtests.isolated import IsolatedBroker
-from tests.services import RABBITMQ_URL, REDIS_URL, require
+from tests.services import RABBITMQ_URL, REDIS_URL, redis_db_url, require
 
-CELERY_REDIS_DB = 13
+CELERY_REDIS_DB = int(redis_db_url(13).rsplit("/", 1)[1])  # 13 on the first xdist worker
 VISIBILITY_TIMEOUT = 5  # seconds before Redis hands a dead worker's batches to another
 
 

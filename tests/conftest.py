@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,9 +16,53 @@ from collab.app import create_app
 from collab.settings import Settings
 from persistence import migrate
 from tests.redis_cluster import RedisClusterProcesses
-from tests.services import MYSQL_URL, POSTGRES_URL, REDIS_URL, require
+from tests.services import MAX_WORKERS, MYSQL_URL, POSTGRES_URL, REDIS_URL, require
 
 pytest_plugins = ["tests.celery_brokers"]
+
+# The files that take longest, started first so that no worker is left with one of them at
+# the end while the others idle (seconds on a 2-core machine, with coverage, 2026-11-29).
+LONGEST_FIRST = (
+    "tests/test_storage_guarantee.py",  # 430: workers killed at every step, five times each
+    "tests/deploy",  # 150: the image built and run, the compose stack behind NGINX
+    "tests/test_celery_worker.py",  # 110
+    "tests/test_chat_e2e.py",  # 100
+    "tests/test_crowd_e2e.py",  # 50
+)
+
+
+def _group(nodeid: str) -> str:
+    """A test file runs whole on one xdist worker (its module fixtures are set up once); the
+    deployment tests share one image build, so they are one group."""
+    path = nodeid.split("::", 1)[0]
+    return "tests/deploy" if path.startswith("tests/deploy/") else path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        group = _group(item.nodeid)
+        return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the rest, is kept
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scheduling by scope, with `_group` as the scope: test ids stay as they are
+    (xdist's `loadgroup` appends `@group` to every id, which then no longer selects a test)."""
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class ByGroup(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return ByGroup(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, at most MAX_WORKERS (the test Redis databases)."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,16 +27,20 @@ def require_js_tools() -> str:
         pytest.skip("node or npm is not installed")
     installed = JS / "node_modules" / ".package-lock.json"  # npm writes it on install
     lockfile = JS / "package-lock.json"
-    # Missing, or older than the lockfile (a dependency changed since): install afresh.
-    if not installed.exists() or installed.stat().st_mtime < lockfile.stat().st_mtime:
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=JS,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if done.returncode != 0:
-            pytest.fail(f"npm ci failed in clients/js:\n{done.stdout}\n{done.stderr}")
+    # One installer at a time: the suite's xdist workers share the folder, and two `npm ci`
+    # at once delete each other's files.
+    with (JS / ".npm-ci.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # Missing, or older than the lockfile (a dependency changed since): install afresh.
+        if not installed.exists() or installed.stat().st_mtime < lockfile.stat().st_mtime:
+            done = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund"],
+                cwd=JS,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            if done.returncode != 0:
+                pytest.fail(f"npm ci failed in clients/js:\n{done.stdout}\n{done.stderr}")
     return node

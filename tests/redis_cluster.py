@@ -1,6 +1,7 @@
 """A Redis Cluster of the tests' own: three masters with a replica each, on loopback ports
 7100-7199 (their cluster bus on the port + 10000; COLLAB_TEST_CLUSTER_PORTS=7300-7399 moves
-them, for runs side by side), stopped by PID afterwards.
+them, for runs side by side; each further xdist worker takes the next hundred), stopped by
+PID afterwards.
 
 `redis-server --cluster-enabled yes` six times, then `redis-cli --cluster create ...
 --cluster-replicas 1`; the cluster is ready when every node says `cluster_state:ok`. One
@@ -28,10 +29,13 @@ import pytest
 
 from tests.certificates import CertificateAuthority, Issued
 from tests.processes import require_redis_server
-from tests.services import IN_CI
+from tests.services import IN_CI, WORKER_INDEX
 
 _FIRST, _, _LAST = os.environ.get("COLLAB_TEST_CLUSTER_PORTS", "7100-7199").partition("-")
-PORTS = range(int(_FIRST), int(_LAST) + 1)
+# Each xdist worker picks from a range of its own: two picking free ports from one range at
+# once could both take the same.
+_SHIFT = (int(_LAST) - int(_FIRST) + 1) * WORKER_INDEX
+PORTS = range(int(_FIRST) + _SHIFT, int(_LAST) + 1 + _SHIFT)
 NODE_TIMEOUT_MS = 2000  # how long a silent master has before its replica takes over
 
 

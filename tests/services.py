@@ -8,13 +8,27 @@ from __future__ import annotations
 
 import os
 import socket
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-REDIS_URL = os.environ.get("COLLAB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# Under pytest-xdist (`-n auto`), each worker process of the run: "gw0", "gw1", ...
+WORKER_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+MAX_WORKERS = 3  # what the Redis databases below leave room for
+
+
+def redis_db_url(db: int) -> str:
+    """The test Redis (COLLAB_TEST_REDIS_URL's host) at database `db`: 15 for the unit tests, 14
+    for the cluster tests, 13 for Celery queues and the security and NGINX tests, 12 for the
+    fuzzers. Each is flushed by the tests that use it, so every xdist worker has its own: the
+    numbers move down by 4 per worker (gw1 uses 11 to 8, gw2 7 to 4)."""
+    base = urlsplit(os.environ.get("COLLAB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+    return urlunsplit((base.scheme, base.netloc, f"/{db - 4 * WORKER_INDEX}", "", ""))
+
+
+REDIS_URL = redis_db_url(15)
 POSTGRES_URL = os.environ.get(
     "COLLAB_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )

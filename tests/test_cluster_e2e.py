@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -43,7 +42,7 @@ import redis
 from tests.helpers import eventually
 from tests.processes import RedisServer, ServerProcess, server_env
 from tests.processes import require_redis_server as require_redis_program
-from tests.services import REDIS_URL, require
+from tests.services import redis_db_url, require
 from tests.wsclient import Client, Frame, guest, guest_token
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -51,12 +50,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis]
 RUN = uuid.uuid4().hex[:8]  # every room of this run carries it, so its keys can be found
 PRESENCE_TIMEOUT = 2.0
 HISTORY_WINDOW = 5
-
-
-def redis_db_url(db: int) -> str:
-    """The test Redis (COLLAB_TEST_REDIS_URL), another database number."""
-    parts = urlsplit(REDIS_URL)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", "", ""))
 
 
 CLUSTER_REDIS_URL = redis_db_url(14)

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -40,14 +39,14 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests.processes import ServerProcess, server_env
 from tests.protocol_schema import check_frame
-from tests.services import REDIS_URL, require
+from tests.services import redis_db_url, require
 from tests.wsclient import guest_token
 
 pytestmark = [pytest.mark.slow]
 
 # A database of its own, flushed before and after: 15 is the unit tests', 14 the cluster
 # tests', 13 the NGINX tests'.
-FUZZ_REDIS_URL = urlunsplit((*urlsplit(REDIS_URL)[:2], "/12", "", ""))
+FUZZ_REDIS_URL = redis_db_url(12)
 MAX_FRAME_BYTES = 65536  # the server's default frame limit; past it 1009 is the right answer
 
 REPLIES = {

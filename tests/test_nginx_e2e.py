@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.processes import ServerProcess, server_env
-from tests.services import IN_CI, REDIS_URL, free_port, require
+from tests.services import IN_CI, REDIS_URL, free_port, redis_db_url, require
 from tests.wsclient import Client
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -44,7 +44,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         pytest.skip("nginx is not installed")
     require(REDIS_URL, 6379, "Redis")
     folder = tmp_path_factory.mktemp("nginx")
-    broker = REDIS_URL.rsplit("/", 1)[0] + "/13"
+    broker = redis_db_url(13)
     import redis
 
     redis.Redis.from_url(broker).flushdb()

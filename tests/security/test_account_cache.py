@@ -17,8 +17,8 @@ import pytest
 from api.accounts import Account, AccountCache
 from api.security import InvalidToken, VerifiedTokens, create_access_token
 from tests.security.common import bearer, register_and_login, running_server, ws_outcome
-from tests.services import require
-from tests.test_cluster_e2e import forget_run_keys, redis_db_url, start_nodes, stop_nodes
+from tests.services import redis_db_url, require
+from tests.test_cluster_e2e import forget_run_keys, start_nodes, stop_nodes
 
 CLUSTER_REDIS_URL = redis_db_url(13)
 AN_HOUR = {"COLLAB_ACCOUNT_CACHE_SECONDS": "3600"}

@@ -13,7 +13,7 @@ import pytest
 
 from tests.security.common import running_server
 from tests.security.proxy import Proxy, nginx_in_front
-from tests.services import REDIS_URL, require
+from tests.services import REDIS_URL, redis_db_url, require
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -26,7 +26,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Proxy, list[str]]]:
     require(REDIS_URL, 6379, "Redis")
     import redis
 
-    broker = REDIS_URL.rsplit("/", 1)[0] + "/13"
+    broker = redis_db_url(13)
     redis.Redis.from_url(broker).flushdb()
     extra = {
         "COLLAB_BROKER_URL": broker,

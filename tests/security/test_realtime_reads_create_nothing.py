@@ -16,8 +16,7 @@ import pytest
 import redis
 
 from tests.processes import ServerProcess, server_env
-from tests.services import require
-from tests.test_cluster_e2e import redis_db_url
+from tests.services import redis_db_url, require
 from tests.wsclient import Client, guest
 
 pytestmark = pytest.mark.slow

@@ -24,8 +24,8 @@ import pytest
 
 from api.security import create_access_token
 from tests.processes import ServerProcess, server_env
-from tests.services import require
-from tests.test_cluster_e2e import forget_run_keys, redis_db_url, start_nodes, stop_nodes
+from tests.services import redis_db_url, require
+from tests.test_cluster_e2e import forget_run_keys, start_nodes, stop_nodes
 from tests.wsclient import Client, guest
 
 pytestmark = pytest.mark.slow

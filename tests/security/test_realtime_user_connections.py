@@ -17,8 +17,8 @@ import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.services import require
-from tests.test_cluster_e2e import forget_run_keys, redis_db_url, start_nodes, stop_nodes
+from tests.services import redis_db_url, require
+from tests.test_cluster_e2e import forget_run_keys, start_nodes, stop_nodes
 from tests.wsclient import Client, guest
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
