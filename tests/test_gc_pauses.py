@@ -73,6 +73,38 @@ def test_garbage_among_frozen_objects_is_collected_once_a_quarter_have_left(
     assert gc.get_freeze_count() > 0, "what stays is frozen again"
 
 
+def test_a_crowd_that_doubles_the_frozen_objects_brings_a_full_collection(
+    counts: list[int],
+) -> None:
+    """Frozen garbage must stay a fraction of the live state even when nobody leaves: a crowd
+    that more than doubles what is frozen is followed by a full collection."""
+    freezer = freezer_for(counts)
+    freezer.full_collection()
+    crowd = [Cycle() for _ in range(2 * gc.get_freeze_count() + 1000)]
+    counts[:] = [len(crowd), 0, len(crowd)]
+    freezer.tick()  # frozen with the rest
+    assert (freezer.freezes, freezer.full_collections) == (1, 1)
+    freezer.tick()
+    assert freezer.full_collections == 2, "the doubling was noticed"
+
+
+def test_an_idle_tick_does_not_walk_the_frozen_objects(
+    counts: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting the frozen objects walks all of them; an idle server ticks every second, and
+    a walk over a crowd's objects is a stall of milliseconds for every room."""
+    freezer = freezer_for(counts)
+    freezer.full_collection()
+    counts[:] = [10, 0, 10]
+    freezer.tick()
+    walks: list[int] = []
+    count = gc.get_freeze_count
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: walks.append(1) or count())
+    for _ in range(5):
+        freezer.tick()  # nobody came or went
+    assert walks == [] and freezer.freezes == 1
+
+
 def test_a_young_cycle_is_collected_before_freezing(counts: list[int]) -> None:
     freezer = freezer_for(counts)
     freezer.full_collection()
