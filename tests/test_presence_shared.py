@@ -25,11 +25,14 @@ ANN = UserInfo("1", "ann")
 BOB = UserInfo("2", "bob")
 CAT = UserInfo("3", "cat")
 
-TIMEOUT = 1.0
-# Steps are chosen with room either side of TIMEOUT: 0.7 s is young, 1.4 s is stale. On the
-# Redis backends they are real seconds, and the margin must hold a few round trips to a
-# cluster's shards (0.15 s was too little: a sweep found a refreshed entry already stale).
-STEP = 0.7
+TIMEOUT = 2.0
+# Steps are chosen with room either side of TIMEOUT: 1.2 s is young, 2.4 s is stale. On the
+# Redis backends they are real seconds. Waiting longer only makes an entry staler, so the
+# margin that matters is the young side's: it must hold a few round trips to a cluster's
+# shards and the event loop's lateness on a busy machine (0.15 s was too little, and 0.3 s
+# too: a sweep found an entry refreshed one step before already stale, with the suite's
+# other worker running beside it).
+STEP = 1.2
 
 
 class FakeClock:
