@@ -47,6 +47,9 @@ class Member:
     # The epochs resets voided while this member was still joining: a reply naming one is
     # void too, a reply naming a newer one (read after a failover) is good.
     voided_epochs: tuple[str, ...] = ()
+    # Set when the channel started anew (after a reset) while this member was joining: what
+    # the node dropped before that start is not held for it, so its floor must not be below.
+    start: Position | None = None
 
 
 @dataclass(slots=True)
@@ -56,6 +59,10 @@ class Channel:
     epoch: str | None = None
     offset: int = 0
     recovering: bool = False
+    # After a reset, until a member's reply names the channel's new start: nothing published
+    # is delivered or held (no member follows the stream), see `activate`.
+    voided: bool = False
+    resets: int = 0  # a recovery asked before the last reset answers for a stream gone
     backlog: list[Publication] = field(default_factory=list)
     backlog_bytes: int = 0
 
@@ -170,6 +177,27 @@ class Hub:
             member.pending, member.pending_bytes = None, 0
             conn.close_soon(CloseCode.INTERNAL_ERROR, "stream interrupted, recover")
             return
+        if member.start is not None and (
+            floor.epoch != member.start.epoch or floor.offset < member.start.offset
+        ):
+            member.pending, member.pending_bytes = None, 0
+            conn.close_soon(CloseCode.INTERNAL_ERROR, "stream interrupted, recover")
+            return
+        if channel.voided:
+            # The first member since a reset (a client that rejoined right after a failover,
+            # before this node heard of it): its position is the channel's new start. What
+            # was published after it and dropped here, or never reached this node, comes
+            # from the broker's window; if the window cannot give it, it is sent off too.
+            channel.voided, channel.recovering = False, False
+            channel.epoch, channel.offset = floor.epoch, max(floor.offset, 0)
+            member.floor = floor.offset
+            member.pending, member.pending_bytes = None, 0
+            start = Position(floor.epoch, channel.offset)
+            for other in channel.members.values():
+                if other.pending is not None:
+                    other.start = start
+            self._spawn(self._recover(channel))
+            return
         if channel.epoch is None or channel.epoch != floor.epoch:
             # The channel's first position on this node, or the member saw a newer epoch.
             channel.epoch, channel.offset = floor.epoch, max(floor.offset, 0)
@@ -249,6 +277,8 @@ class Hub:
         channel = self.channels.get(publication.channel)
         if channel is None:
             return
+        if channel.voided:
+            return  # nobody follows this stream; a new start recovers from the window
         if channel.recovering:
             self._add_backlog(channel, publication)
             return
@@ -264,10 +294,9 @@ class Hub:
                 self._spawn(self._recover(channel))
                 return
         elif channel.epoch is not None and channel.offset > 0:
-            # The broker lost the channel's counter: every position clients hold in the old
-            # epoch is void. The publication starts the new one, for members still joining
-            # whose reply names it.
+            # The broker lost the channel's counter: every position clients hold is void.
             self._reset(channel)
+            return
         self._deliver(channel, publication)
 
     def _add_backlog(self, channel: Channel, publication: Publication) -> None:
@@ -350,13 +379,16 @@ class Hub:
         if channel.recovering or channel.epoch is None:
             return
         channel.recovering = True
+        resets = channel.resets
         try:
             missed = await self.broker.recent(channel.name, Position(channel.epoch, channel.offset))
         except BrokerUnavailable:
             missed = None
-        channel.recovering = False
-        if self.channels.get(channel.name) is not channel:
+        if self.channels.get(channel.name) is not channel or channel.resets != resets:
+            # Reset meanwhile: the answer is about a stream nobody follows any more, and the
+            # channel's next start runs a recovery of its own (`activate`).
             return
+        channel.recovering = False
         if missed is None:
             self._reset(channel)
             return
@@ -374,6 +406,8 @@ class Hub:
         channel's new start, and is not sent off for a stream it never had."""
         log.warning("channel %s lost continuity; asking its members to recover", channel.name)
         voided, channel.epoch, channel.offset = channel.epoch, None, 0
+        channel.voided = True
+        channel.resets += 1
         channel.backlog.clear()
         channel.backlog_bytes = 0
         for member in list(channel.members.values()):

@@ -17,6 +17,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Under pytest-xdist (`-n auto`), each worker process of the run: "gw0", "gw1", ...
 WORKER_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 MAX_WORKERS = 3  # what the Redis databases below leave room for
+if WORKER_INDEX >= MAX_WORKERS:
+    raise pytest.UsageError(f"at most -n {MAX_WORKERS}: the test Redis has databases for that many")
 
 
 def redis_db_url(db: int) -> str:

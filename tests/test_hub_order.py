@@ -110,32 +110,62 @@ async def test_two_first_joiners_at_once_both_get_everything_after_their_floor()
     await hub.close()
 
 
-class SwitchedBroker(QuietBroker):
-    """A broker whose window no longer knows the channel's epoch: a failover happened."""
+class FailedOverBroker(QuietBroker):
+    """After a failover: the window holds the new epoch ("e2") only; "e1" is gone."""
+
+    def __init__(self) -> None:
+        self.window: list[Publication] = []
+
+    def publish(self, offset: int) -> Publication:
+        self.window.append(publication(offset, epoch="e2"))
+        return self.window[-1]
+
+    async def recent(self, channel: str, since: Position) -> list[Publication] | None:
+        if since.epoch != "e2":
+            return None
+        return [p for p in self.window if p.offset > since.offset]
+
+
+async def active(hub: Hub, name: str, epoch: str, offset: int) -> tuple[Connection, list[int]]:
+    conn, got = member(name)
+    await hub.add_member(CHANNEL, conn)
+    hub.activate(CHANNEL, conn, Position(epoch, offset))
+    return conn, got
+
+
+async def settle(condition: Any = lambda: True) -> None:
+    """Let spawned recoveries and closes run (they are tasks)."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:
+        await asyncio.sleep(0.02)
+        if condition() or asyncio.get_running_loop().time() > deadline:
+            return
 
 
 async def test_a_member_joining_in_the_new_epoch_is_not_sent_off_for_the_old_one() -> None:
     """A master failover gives a room a new epoch. A node that has not heard of it yet still
     has the room's old stream when a client (sent off by another node) rejoins here and reads
-    the new position; the node then learns of the switch. The members of the old stream are
-    sent off to recover; the newcomer, whose reply names the new epoch, keeps its connection
-    and gets the new stream from its floor on."""
-    hub = Hub(SwitchedBroker())  # type: ignore[arg-type]
-    old, old_got = member("old")
-    await hub.add_member(CHANNEL, old)
-    hub.activate(CHANNEL, old, Position("e1", 5))
+    the new position; then the node hears of the switch. The old stream's members are sent off
+    to recover; the newcomer keeps its connection and gets every message of the new epoch after
+    its floor: the ones this node dropped while nobody followed the stream, and the ones its
+    pub/sub never saw, from the broker's window, then the live ones, in order, once each."""
+    broker = FailedOverBroker()
+    hub = Hub(broker)  # type: ignore[arg-type]
+    _, old_got = await active(hub, "old", "e1", 5)
     hub.on_publication(publication(6))
     new, new_got = member("new")
     await hub.add_member(CHANNEL, new)  # pending: its reply is not out yet
     hub.on_publication(publication(7))  # held for it, in the old stream
-    hub.on_publication(publication(1, epoch="e2"))  # the node hears of the new epoch
-    hub.on_publication(publication(2, epoch="e2"))
-    hub.activate(CHANNEL, new, Position("e2", 1))  # read after the failover
-    hub.on_publication(publication(3, epoch="e2"))
-    await asyncio.sleep(0.05)
+    broker.publish(1)  # never reached this node (its pub/sub was on the dead master)
+    hub.on_publication(broker.publish(2))  # the node hears of the new epoch
+    hub.on_publication(broker.publish(3))
+    hub.activate(CHANNEL, new, Position("e2", 0))  # read before 1 was published
+    hub.on_publication(broker.publish(4))
+    await settle(lambda: len(new_got) >= 4)
+    hub.on_publication(broker.publish(5))
 
     assert old_got == [6, 7, -1], "the old stream's member is sent off to recover"
-    assert new_got == [2, 3], "the newcomer gets the new stream above its floor, nothing old"
+    assert new_got == [1, 2, 3, 4, 5], "the new stream above its floor, nothing old, no repeat"
     assert not new.closing
     await hub.close()
 
@@ -143,16 +173,15 @@ async def test_a_member_joining_in_the_new_epoch_is_not_sent_off_for_the_old_one
 async def test_a_member_joining_in_the_voided_epoch_is_sent_off_too() -> None:
     """The same switch, but the newcomer read its position before the failover: its reply
     names the old epoch, so it is sent off to recover like the members already there."""
-    hub = Hub(SwitchedBroker())  # type: ignore[arg-type]
-    old, old_got = member("old")
-    await hub.add_member(CHANNEL, old)
-    hub.activate(CHANNEL, old, Position("e1", 5))
+    broker = FailedOverBroker()
+    hub = Hub(broker)  # type: ignore[arg-type]
+    _, old_got = await active(hub, "old", "e1", 5)
     new, new_got = member("new")
     await hub.add_member(CHANNEL, new)
-    hub.on_publication(publication(1, epoch="e2"))
+    hub.on_publication(broker.publish(1))
     hub.activate(CHANNEL, new, Position("e1", 5))
-    hub.on_publication(publication(2, epoch="e2"))
-    await asyncio.sleep(0.05)
+    hub.on_publication(broker.publish(2))
+    await settle()
 
     assert old_got == [-1]
     assert new_got == [-1], "a reply in the voided epoch is void: sent off, handed nothing"
@@ -162,21 +191,49 @@ async def test_a_member_joining_in_the_voided_epoch_is_sent_off_too() -> None:
 async def test_a_failed_recovery_spares_a_joiner_already_in_the_new_epoch() -> None:
     """The other way a node learns of a failover: its pub/sub moves to the new master and the
     gap recovery finds the old epoch gone from the window. A member joining meanwhile with the
-    new epoch's position keeps its connection and gets what follows."""
-    hub = Hub(SwitchedBroker())  # type: ignore[arg-type]
-    old, old_got = member("old")
-    await hub.add_member(CHANNEL, old)
-    hub.activate(CHANNEL, old, Position("e1", 5))
+    new epoch's position keeps its connection and gets what follows it, including what came
+    in while the recovery was asking."""
+    broker = FailedOverBroker()
+    hub = Hub(broker)  # type: ignore[arg-type]
+    _, old_got = await active(hub, "old", "e1", 5)
     new, new_got = member("new")
     await hub.add_member(CHANNEL, new)
+    broker.publish(1)
     hub.on_resubscribed([CHANNEL])  # recovery asks the window, which has no e1 any more
-    deadline = asyncio.get_running_loop().time() + 5
-    while not old_got and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
-    hub.activate(CHANNEL, new, Position("e2", 3))
-    hub.on_publication(publication(3, epoch="e2"))
-    hub.on_publication(publication(4, epoch="e2"))
+    hub.on_publication(broker.publish(2))  # arrives while it asks: backlog, then dropped
+    await settle(lambda: bool(old_got))
+    hub.activate(CHANNEL, new, Position("e2", 1))
+    hub.on_publication(broker.publish(3))
+    await settle(lambda: len(new_got) >= 2)
 
     assert old_got == [-1]
-    assert new_got == [4]
+    assert new_got == [2, 3]
+    await hub.close()
+
+
+async def test_a_second_joiner_below_the_new_start_is_sent_off() -> None:
+    """Two members join across the switch. The first to activate sets where the node's new
+    stream starts; the other, if its position is below that start, could not be given what
+    lies between (dropped before the start), so it is sent off to recover instead; at or
+    above the start it is kept and misses nothing."""
+    broker = FailedOverBroker()
+    hub = Hub(broker)  # type: ignore[arg-type]
+    await active(hub, "old", "e1", 5)
+    low, low_got = member("low")
+    high, high_got = member("high")
+    keen, keen_got = member("keen")
+    for conn in (low, high, keen):
+        await hub.add_member(CHANNEL, conn)
+    broker.publish(1)
+    hub.on_publication(broker.publish(2))  # the switch
+    hub.on_publication(broker.publish(3))  # dropped: nobody follows the stream yet
+    hub.activate(CHANNEL, high, Position("e2", 2))  # the new start
+    hub.activate(CHANNEL, low, Position("e2", 1))  # read before the start
+    await settle(lambda: bool(high_got))
+    hub.activate(CHANNEL, keen, Position("e2", 3))
+    hub.on_publication(broker.publish(4))
+
+    assert low_got == [-1]
+    assert high_got == [3, 4]
+    assert keen_got == [4]
     await hub.close()
