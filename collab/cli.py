@@ -56,6 +56,9 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
         migrate.upgrade(settings.database_url)
         # Done once here, so several workers do not race to migrate the same file.
         os.environ["COLLAB_AUTO_MIGRATE"] = "false"
+    from collab.websocket_protocol import protocol_classes
+
+    http_protocol, ws_protocol = protocol_classes()
     uvicorn.run(
         "collab.app:create_app_from_env",
         factory=True,
@@ -65,7 +68,8 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
         log_level=log_level,
         proxy_headers=True,
         log_config=_log_config(),
-        ws="websockets-sansio",
+        http=http_protocol,
+        ws=ws_protocol,
         ws_per_message_deflate=False,
         ws_max_size=settings.max_frame_bytes,
         # The app sends its own heartbeats; uvicorn's pings would double them.

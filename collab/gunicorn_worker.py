@@ -14,15 +14,17 @@ from uvicorn_worker import UvicornWorker
 
 from collab import redaction
 from collab.settings import Settings
+from collab.websocket_protocol import protocol_classes
 
 
 class CollabWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         settings = Settings()
+        http_protocol, ws_protocol = protocol_classes()
         self.CONFIG_KWARGS = {
             "loop": "auto",
-            "http": "auto",
-            "ws": "websockets-sansio",
+            "http": http_protocol,
+            "ws": ws_protocol,
             "ws_per_message_deflate": False,
             "ws_max_size": settings.max_frame_bytes,
             "ws_ping_interval": settings.heartbeat,
