@@ -82,10 +82,27 @@ def test_a_crowd_that_doubles_the_frozen_objects_brings_a_full_collection(
     freezer.full_collection()
     crowd = [Cycle() for _ in range(2 * gc.get_freeze_count() + 1000)]
     counts[:] = [len(crowd), 0, len(crowd)]
-    freezer.tick()  # frozen with the rest
-    assert (freezer.freezes, freezer.full_collections) == (1, 1)
-    freezer.tick()
-    assert freezer.full_collections == 2, "the doubling was noticed"
+    freezer.tick()  # frozen with the rest, and the doubling noticed in the same step
+    assert (freezer.freezes, freezer.full_collections) == (1, 2)
+    freezer.tick()  # nobody came after the crowd: no pass over everything a step later
+    assert (freezer.freezes, freezer.full_collections) == (1, 2)
+
+
+def test_the_frozen_count_follows_without_walking_the_frozen_objects(
+    counts: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A freeze step must not walk what was frozen before it (a stall per step of a crowd)."""
+    freezer = freezer_for(counts)
+    freezer.full_collection()
+    walks: list[int] = []
+    count = gc.get_freeze_count
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: walks.append(1) or count())
+    for step in range(1, 4):
+        kept = [Cycle() for _ in range(1000)]  # noqa: F841 - what a step's connections built
+        counts[:] = [step, 0, step]
+        freezer.tick()
+    assert walks == [] and freezer.freezes == 3 and freezer.full_collections == 1
+    assert abs(freezer._frozen - count()) < 0.05 * count(), "the count kept up"
 
 
 def test_an_idle_tick_does_not_walk_the_frozen_objects(
