@@ -273,9 +273,9 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         if subprotocol:
             out += [b"Sec-WebSocket-Protocol: ", _header_bytes(subprotocol.encode()), b"\r\n"]
         out.append(b"\r\n")
-        self._accept = None
         if not self.transport.is_closing():
             self.handshake_complete = True
+            self._accept = None
             self.transport.write(b"".join(out))
             self.start_keepalive()
 
