@@ -245,6 +245,21 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self.connection_made(http.transport)
         self.data_received(b"".join(output))
 
+    def data_received(self, data: bytes) -> None:
+        if self._accept is None:  # uvicorn's handshake, or ours done
+            super().data_received(data)
+            return
+        # Frames before the 101, from a client that did not wait for it (RFC 6455 4.1 says it
+        # must): data frames wait for the app, as under uvicorn's protocol; a close or anything
+        # unparsable ends the connection with nothing written, since the peer has no WebSocket
+        # to read a close frame on (uvicorn's own protocol fails an assertion there).
+        self.conn.receive_data(data)
+        if self.conn.parser_exc is not None or self.conn.close_rcvd is not None:
+            self.conn.data_to_send()  # a close reply the peer could not read
+            self.transport.close()
+            return
+        self.handle_events()
+
     async def send(self, message: Any) -> None:
         if (
             self._accept is None

@@ -57,6 +57,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     if path == "/crash":
         raise RuntimeError("the app failed before its accept")
+    if path == "/slow":  # the client's early frames arrive before the accept
+        await asyncio.sleep(0.3)
     offered = scope["subprotocols"]
     await send(
         {
@@ -156,13 +158,17 @@ def frames_in(data: bytes) -> list[Any]:
             found.append(json.loads(text) if text.startswith("{") else text)
 
 
-async def exchange(port: int, request: bytes) -> tuple[list[str], list[Any]]:
+async def exchange(port: int, request: bytes, early: bytes = b"") -> tuple[list[str], list[Any]]:
     """The response's head (status line and headers, the date left out) and what follows:
     after a 101, a text frame "hi" goes out and the frames that come back are parsed (the
-    app reports its scope, echoes, closes); after anything else, the body."""
+    app reports its scope, echoes, closes); after anything else, the body. `early` goes out
+    0.1 s after the request, before any answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
+        if early:
+            await asyncio.sleep(0.1)
+            writer.write(early)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         lines = [
             line
@@ -215,6 +221,36 @@ async def test_every_answer_is_uvicorns(servers: dict[str, int], case: str) -> N
     stock = await exchange(servers["uvicorn"], CASES[case])
     ours = await exchange(servers["collab"], CASES[case])
     assert ours == stock
+
+
+EARLY = {
+    "a ping and a text": Frame(Opcode.PING, b"p").serialize(mask=True)
+    + Frame(Opcode.TEXT, b"early").serialize(mask=True),
+    "a close": Frame(Opcode.CLOSE, b"\x03\xe8").serialize(mask=True),
+    "an unmasked frame": Frame(Opcode.TEXT, b"bad").serialize(mask=False),
+    "a reserved opcode": b"\x83\x80" + b"\0" * 4,
+    "a frame over the size limit": Frame(Opcode.TEXT, b"x" * (1 << 21)).serialize(mask=True),
+}
+
+
+@pytest.mark.parametrize("case", list(EARLY))
+async def test_frames_before_the_accept_are_handled_as_before(
+    servers: dict[str, int], case: str
+) -> None:
+    """A client that does not wait for the 101: whatever it sends, the same outcome (for a
+    close or a broken frame: the connection dropped with nothing written), and the server
+    goes on serving everyone else."""
+
+    async def outcome(port: int) -> object:
+        try:
+            return await exchange(port, upgrade("/slow"), EARLY[case])
+        except asyncio.IncompleteReadError as exc:
+            return ("dropped", exc.partial)
+
+    stock = await outcome(servers["uvicorn"])
+    assert await outcome(servers["collab"]) == stock
+    head, frames = await exchange(servers["collab"], upgrade())
+    assert head[0] == "HTTP/1.1 101 Switching Protocols" and frames[1] == "echo:hi"
 
 
 async def test_a_doubled_key_is_refused_as_before(servers: dict[str, int]) -> None:
