@@ -17,8 +17,8 @@ they change is the one common case: a well-formed upgrade (GET, HTTP/1.1, one `U
 websocket`, a `Connection` naming `upgrade`, one valid `Sec-WebSocket-Key`, version 13) is
 checked on the header list httptools already made, the scope is built from it, and the 101
 is written from bytes. Anything else (a missing or doubled header, another version, another
-method, a non-ASCII target, permessage-deflate switched on) goes to `websockets`' own
-handshake exactly as under the stock protocol, so every refusal is answered as before
+method, a non-ASCII target, permessage-deflate switched on) is handed to uvicorn's own
+protocol, unchanged, whose `websockets` handshake judges and answers it as before
 (`tests/test_websocket_protocol.py` compares the bytes of both for each case).
 
 They rely on uvicorn's internals, as `realtime.transport` does: `protocol_classes()` returns
@@ -114,6 +114,22 @@ def accept_key(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, list[str]] | 
     return base64.b64encode(digest), subprotocols
 
 
+def short_path(http: HttpToolsProtocol) -> tuple[bytes, list[str]] | None:
+    """`accept_key` for the upgrade `http` parsed, if this handshake may skip `websockets`'."""
+    scope = http.scope
+    url: bytes = http.url
+    if (
+        scope["method"] != "GET"
+        or scope["http_version"] != "1.1"
+        or http.config.ws_per_message_deflate  # an extension to negotiate: websockets' job
+        or not url.startswith(b"/")
+        or not url.isascii()
+        or b"#" in url
+    ):
+        return None
+    return accept_key(cast(list[tuple[bytes, bytes]], scope["headers"]))
+
+
 class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's `websockets-sansio` protocol, started from httptools' parse of the upgrade."""
 
@@ -124,9 +140,9 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        # uvicorn's own __init__, less its `ServerProtocol`: which one is built depends on the
-        # request (`upgrade`). `tests/test_websocket_protocol.py` checks that this sets every
-        # attribute uvicorn's does.
+        # uvicorn's own __init__, less its `ServerProtocol`, which `upgrade` builds already
+        # open. `tests/test_websocket_protocol.py` checks that this sets every attribute
+        # uvicorn's does.
         if not config.loaded:
             config.load()  # pragma: no cover
         self.config = config
@@ -166,24 +182,11 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         self.curr_msg_data_type = "bytes"
         self._accept: bytes | None = None  # the 101's accept line, on the short path
 
-    def upgrade(self, http: HttpToolsProtocol) -> None:
-        """Take the connection over from `http`, whose parser stopped at a WebSocket upgrade."""
+    def upgrade(self, http: HttpToolsProtocol, key: bytes, subprotocols: list[str]) -> None:
+        """Take the connection over from `http`, whose parser stopped at a plain upgrade
+        (`short_path`): `key` is its `Sec-WebSocket-Accept`."""
         scope = http.scope
         url: bytes = http.url
-        accepted = None
-        if (
-            scope["method"] == "GET"
-            and scope["http_version"] == "1.1"
-            and not self.config.ws_per_message_deflate
-            and url.startswith(b"/")
-            and url.isascii()
-            and b"#" not in url
-        ):
-            accepted = accept_key(cast(list[tuple[bytes, bytes]], scope["headers"]))
-        if accepted is None:
-            self._stock_upgrade(http)
-            return
-        key, subprotocols = accepted
         transport = http.transport
         self.connections.add(self)
         self.transport = transport
@@ -222,31 +225,8 @@ class CollabWebSocketProtocol(WebSocketsSansIOProtocol):
         task.add_done_callback(self.on_task_complete)
         self.tasks.add(task)
 
-    def _stock_upgrade(self, http: HttpToolsProtocol) -> None:
-        """What uvicorn does: the request as bytes again, for `websockets` to parse and judge."""
-        extensions = []
-        if self.config.ws_per_message_deflate:
-            from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
-
-            extensions = [
-                ServerPerMessageDeflateFactory(
-                    server_max_window_bits=12,
-                    client_max_window_bits=12,
-                    compress_settings={"memLevel": 5},
-                )
-            ]
-        self.conn = ServerProtocol(
-            extensions=extensions, max_size=self.config.ws_max_size, logger=_UVICORN_LOG
-        )
-        output = [http.scope["method"].encode(), b" ", http.url, b" HTTP/1.1\r\n"]
-        for name, value in http.scope["headers"]:
-            output += [name, b": ", value, b"\r\n"]
-        output.append(b"\r\n")
-        self.connection_made(http.transport)
-        self.data_received(b"".join(output))
-
     def data_received(self, data: bytes) -> None:
-        if self._accept is None:  # uvicorn's handshake, or ours done
+        if self._accept is None:  # the 101 is out
             super().data_received(data)
             return
         # Frames before the 101, from a client that did not wait for it (RFC 6455 4.1 says it
@@ -310,6 +290,13 @@ class CollabHttpProtocol(HttpToolsProtocol):
         if not (isinstance(ws_class, type) and issubclass(ws_class, CollabWebSocketProtocol)):
             super().handle_websocket_upgrade()
             return
+        accepted = short_path(self)
+        if accepted is None:
+            # Anything but a plain upgrade: uvicorn's own protocol, which hands the request to
+            # `websockets` to judge and answer. This object is dropped after the upgrade.
+            self.ws_protocol_class = WebSocketsSansIOProtocol
+            super().handle_websocket_upgrade()
+            return
         if self.logger.level <= TRACE_LOG_LEVEL:
             prefix = "{}:{} - ".format(*self.client) if self.client else ""
             self.logger.log(TRACE_LOG_LEVEL, "%sUpgrading to WebSocket", prefix)
@@ -317,5 +304,5 @@ class CollabHttpProtocol(HttpToolsProtocol):
         protocol = ws_class(
             config=self.config, server_state=self.server_state, app_state=self.app_state
         )
-        protocol.upgrade(self)
+        protocol.upgrade(self, *accepted)
         self.transport.set_protocol(protocol)

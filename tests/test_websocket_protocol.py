@@ -297,6 +297,12 @@ async def test_it_sets_all_of_uvicorns_state() -> None:
         f"uvicorn {uvicorn.__version__} is not one collab.websocket_protocol was checked "
         "against: read its websockets-sansio protocol, then add it to CHECKED_UVICORN"
     )
+    # ...and on it, the servers above (and `collab serve`, the Gunicorn worker) run Collab's
+    # classes, so the comparisons compare something.
+    assert protocol_classes() == (
+        "collab.websocket_protocol:CollabHttpProtocol",
+        "collab.websocket_protocol:CollabWebSocketProtocol",
+    )
     config = Config(app, ws="websockets-sansio", ws_per_message_deflate=False)
     config.load()
     state = ServerState()
