@@ -49,7 +49,7 @@ from websockets.server import ServerProtocol
 __all__ = ["CollabHttpProtocol", "CollabWebSocketProtocol", "protocol_classes"]
 
 # The uvicorn releases whose protocol internals these classes were read against and tested on.
-CHECKED_UVICORN = ("0.52.", "0.53.", "0.54.")
+CHECKED_UVICORN = ("0.52.", "0.53.", "0.54.", "0.55.")
 
 _HTTP = "collab.websocket_protocol:CollabHttpProtocol"
 _WS = "collab.websocket_protocol:CollabWebSocketProtocol"
