@@ -64,7 +64,7 @@ def masters(url: str) -> list[redis.Redis]:
 
     cluster = RedisCluster(host=host, port=port)
     try:
-        return [redis.Redis(host=n.host, port=n.port) for n in cluster.get_primaries()]
+        return [redis.Redis(host=n.host, port=n.port) for n in cluster.get_primaries()]  # type: ignore[no-untyped-call]
     finally:
         cluster.close()
 
