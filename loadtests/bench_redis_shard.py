@@ -64,7 +64,8 @@ def masters(url: str) -> list[redis.Redis]:
 
     cluster = RedisCluster(host=host, port=port)
     try:
-        return [redis.Redis(host=n.host, port=n.port) for n in cluster.get_primaries()]  # type: ignore[no-untyped-call]
+        primaries = cluster.get_primaries()  # type: ignore[no-untyped-call]
+        return [redis.Redis(host=n.host, port=n.port) for n in primaries]
     finally:
         cluster.close()
 

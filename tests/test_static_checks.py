@@ -1,8 +1,8 @@
 """The linters the project holds itself to, run by the test command.
 
-`ruff` and `mypy` clean is a standard of the project (STYLE), and the only way it stays one
-is that the command everyone runs before a commit, and CI, fail when it is broken: a type
-error in a benchmark or a REST router is a bug a user meets later. Each check runs the tool
+`ruff` and `mypy` clean is a standard of the project (CONTRIBUTING.md), and the only way it
+stays one is that the command everyone runs before a commit, and CI, fail when it is broken: a
+type error in a benchmark or a REST router is a bug a user meets later. Each check runs the tool
 on the whole tree with the project's own configuration (`pyproject.toml`), as a developer
 would, and shows its output when it fails.
 """
