@@ -2,8 +2,9 @@
 
 Delivery is the hot path of the whole server (one message to thousands of members), so it
 costs as little as possible when nothing is backed up. Under uvicorn's websockets-sansio (what
-`collab serve` runs) a member gets the message's prebuilt frame, coalesced with the others of
-the same loop turn and written to its transport once the turn is done (`realtime.transport`);
+`collab serve` runs) a member gets the message's prebuilt frame written to its transport at
+once, or in a burst coalesced with the others of the same loop turn and written once the turn
+is done (`realtime.transport`);
 under any other ASGI server `deliver` writes into the socket's `send` directly, without a task,
 future or copy per member. Only when the socket cannot take more (the peer reads slowly and
 the transport paused writing) does the frame go to a queue bounded in bytes, drained by a
@@ -220,9 +221,17 @@ class Connection:
         if self._writer is not None:
             self._enqueue(out)
             return
-        if self._direct is not None:
+        direct = self._direct
+        if direct is not None:
             pending = self._pending
             if pending is None:
+                # Nothing of this turn is waiting, so writing now keeps the order.
+                if out.now and direct.writable.is_set() and direct.alive():
+                    try:
+                        direct.transport.write(out.wire)
+                    except Exception:  # closed under us (aborted): the reader cleans up
+                        log.debug("connection %s: write failed", self.conn_id, exc_info=True)
+                    return
                 self._pending = [out]
                 self._outbox.add(self)  # type: ignore[union-attr] # set whenever _direct is
             else:

@@ -29,7 +29,7 @@ from realtime.broker import Broker, BrokerUnavailable, Publication
 from realtime.connection import Connection
 from realtime.protocol import CloseCode
 from realtime.stats import Stat, gauge
-from realtime.transport import Outgoing
+from realtime.transport import Outbox, Outgoing
 from realtime.types import Position
 
 log = logging.getLogger("collab.realtime")
@@ -76,8 +76,12 @@ class Hub:
         *,
         max_pending_bytes: int = 1024 * 1024,
         max_backlog_bytes: int = 8 * 1024 * 1024,
+        outbox: Outbox | None = None,
     ) -> None:
+        """`outbox`: the node's, which decides whether a fan-out writes through (see
+        `realtime.transport`); without one, every frame waits for its connection's flush."""
         self.broker = broker
+        self.outbox = outbox
         self.channels: dict[str, Channel] = {}
         self.connections: dict[str, Connection] = {}
         self.user_connections: dict[str, int] = {}
@@ -330,9 +334,14 @@ class Hub:
                 out = out or Outgoing(publication.frame)
                 self._hold(member, publication.offset, out)
 
+    def _outgoing(self, frame: bytes) -> Outgoing:
+        """A frame about to go to a channel's members, written through unless in a burst."""
+        outbox = self.outbox
+        return Outgoing(frame, now=outbox is not None and outbox.fanout())
+
     def _deliver(self, channel: Channel, publication: Publication) -> None:
         channel.epoch, channel.offset = publication.epoch, publication.offset
-        out = Outgoing(publication.frame)  # framed once, however many members get it
+        out = self._outgoing(publication.frame)  # framed once, however many members get it
         offset = publication.offset
         count = 0
         for member in channel.members.values():
@@ -350,7 +359,7 @@ class Hub:
             if control is not None:
                 control(frame)
             return
-        out = Outgoing(frame)
+        out = self._outgoing(frame)
         for member in channel.members.values():
             if member.pending is not None:
                 continue  # its reply carries the state this event would change
@@ -362,7 +371,7 @@ class Hub:
         channel = self.channels.get(channel_name)
         if channel is None:
             return
-        out = Outgoing(frame)
+        out = self._outgoing(frame)
         for member in channel.members.values():
             # A pending member's reply carries the presence this event would change.
             if member.pending is None and member.presence_events:

@@ -182,10 +182,13 @@ class Node:
         self.reconciler = reconciler
         # Per user across the cluster; the hub counts per node.
         self.user_connections = user_connections or UserConnections()
+        # Coalesces each loop turn's direct writes per connection (`realtime.transport`).
+        self.outbox = Outbox()
         self.hub = Hub(
             broker,
             max_pending_bytes=self.limits.outgoing_queue_bytes,
             max_backlog_bytes=self.limits.max_backlog_bytes,
+            outbox=self.outbox,
         )
         self.hub.control_handlers[CONTROL] = self._on_control
         # Told the id of every user whose sockets are closed by `disconnect_user`, on this
@@ -194,8 +197,6 @@ class Node:
         # feed -> (position it was built at, when, encoded snapshot, truncated)
         self._snapshot_cache: dict[str, tuple[Position, float, bytes, bool]] = {}
         self._snapshot_builds: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}
-        # Coalesces each loop turn's direct writes per connection (`realtime.transport`).
-        self.outbox = Outbox()
         self._diffs: dict[str, dict[str, tuple[UserInfo, bool]]] = {}
         self._diff_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -14,9 +14,13 @@ extension such as permessage-deflate negotiated), and the connection then uses A
 any ASGI server expects. `tests/test_direct_writes.py` fails when the direct path stops
 engaging under `collab serve`, so an upgrade cannot silently make it slower.
 
-Writes of one loop turn are coalesced per connection (`Outbox`): a burst of messages costs
-each member one `write` system call instead of one per message, and a single message waits
-only until the current callback is done.
+A message that comes alone is written through: each member's frame goes to its transport in
+the fan-out loop itself, so the first member has it at once rather than after the loop has
+visited every member and the loop turn has ended (at 2,000 members that wait was 2.7 ms before
+the first write of every message, measured in docs/BENCHMARKS.md, and every member's latency
+paid it). Once the node is in a burst (a loop turn that fanned out more than one message),
+writes of one loop turn are coalesced per connection (`Outbox`): each member gets one `write`
+system call per turn instead of one per message.
 """
 
 from __future__ import annotations
@@ -53,13 +57,18 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class Outgoing:
-    """One server frame for any number of members: the wire bytes, and the text if needed."""
+    """One server frame for any number of members: the wire bytes, and the text if needed.
 
-    __slots__ = ("_text", "payload", "wire")
+    `now`: write it to a member with nothing else waiting this loop turn at once, rather than
+    with the turn's other frames when the turn ends (`Outbox.fanout` decides, per message).
+    """
 
-    def __init__(self, payload: bytes) -> None:
+    __slots__ = ("_text", "now", "payload", "wire")
+
+    def __init__(self, payload: bytes, now: bool = False) -> None:
         self.payload = payload
         self.wire = text_frame(payload)
+        self.now = now
         self._text: str | None = None
 
     @property
@@ -168,22 +177,43 @@ class Outbox:
 
     One per node (one event loop). Each flush gives every such connection one `write` of what
     it got during the turn, in order.
+
+    It also tells a fan-out whether to write through (`fanout`): the first message of a turn
+    does, unless the turn before fanned out more than one. A lone message thus reaches every
+    member as the fan-out loop goes, while a burst, whose turns carry many messages, costs
+    each member one write per turn. A burst pays at most one write more per member, on the
+    turn it starts in.
     """
 
-    __slots__ = ("_dirty", "_scheduled")
+    __slots__ = ("_bursting", "_dirty", "_fanouts", "_scheduled")
 
     def __init__(self) -> None:
         self._dirty: list[Flushable] = []
         self._scheduled = False
+        self._fanouts = 0  # messages fanned out in this loop turn
+        self._bursting = False  # the last turn that fanned out did so more than once
+
+    def fanout(self) -> bool:
+        """Count one message about to go to many members; True: write it through."""
+        self._fanouts += 1
+        if not self._scheduled:
+            self._schedule()
+        return self._fanouts == 1 and not self._bursting
 
     def add(self, conn: Flushable) -> None:
         self._dirty.append(conn)
         if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
+        if self._fanouts:
+            self._bursting = self._fanouts > 1
+            self._fanouts = 0
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             try:

@@ -9,17 +9,28 @@ server the same app must work through plain ASGI `send`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from uvicorn.config import Config
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
-from realtime.transport import text_frame
+from realtime.broker import Publication
+from realtime.connection import Connection
+from realtime.hub import Channel, Hub, Member
+from realtime.transport import Outbox, text_frame
+from realtime.types import UserInfo
 from tests.processes import UVICORN_WSPROTO, ServerProcess, server_env
+from tests.test_hub_order import QuietBroker
 from tests.wsclient import Client, guest_token
 
 
@@ -68,3 +79,153 @@ async def test_a_burst_reaches_every_member_whole_and_in_order(server: ServerPro
     # Replies to one connection alone (acks, errors) take the same path.
     error = await members[1].request({"type": "publish", "room": "not-joined", "body": {"n": -1}})
     assert error["type"] == "error" and error["code"] == "not_joined"
+
+
+# -- When frames are written: at once for a lone message, once per loop turn in a burst ----------
+
+
+class RecordingTransport:
+    """What the kernel would be handed: one entry per `write` (one system call each)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        raise AssertionError("nothing here should abort")
+
+
+def open_socket() -> tuple[Any, RecordingTransport]:
+    """uvicorn's own websockets-sansio protocol, past its handshake, on a recording transport."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # never called
+        raise AssertionError
+
+    proto = WebSocketsSansIOProtocol(Config(app=app, ws="websockets-sansio"), ServerState(), {})
+    transport = RecordingTransport()
+    proto.transport = transport
+    proto.conn.state = State.OPEN
+    proto.handshake_complete = True
+    return proto, transport
+
+
+def member(
+    hub: Hub, outbox: Outbox, room: str, name: str
+) -> tuple[Connection, Any, RecordingTransport]:
+    proto, transport = open_socket()
+    conn = Connection(
+        name,
+        UserInfo(id=name, name=name),
+        proto.send,
+        max_queue_bytes=1 << 20,
+        rate=1e6,
+        burst=1_000_000,
+        outbox=outbox,
+    )
+    assert conn.writes_directly
+    hub.add_connection(conn)
+    hub.channels.setdefault(room, Channel(room)).members[name] = Member(conn, pending=None)
+    return conn, proto, transport
+
+
+def published(room: str, offset: int) -> Publication:
+    return Publication(room, "e1", offset, b'{"type":"message","offset":%d}' % offset)
+
+
+def wire(*offsets: int) -> bytes:
+    return b"".join(text_frame(b'{"type":"message","offset":%d}' % n) for n in offsets)
+
+
+async def next_turn() -> None:
+    """Let the loop finish this turn (the outbox flushes on the next)."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_a_lone_message_is_written_as_the_fan_out_goes() -> None:
+    """Each member's frame is handed to its socket during the fan-out, not after the turn."""
+    outbox = Outbox()
+    hub = Hub(QuietBroker(), outbox=outbox)  # type: ignore[arg-type]
+    members = [member(hub, outbox, "room:a", f"m{i}") for i in range(3)]
+    hub.on_publication(published("room:a", 1))
+    for _, _, transport in members:
+        assert transport.writes == [wire(1)]  # before the loop turn ends
+    await next_turn()
+    hub.on_publication(published("room:a", 2))  # alone in its turn again: at once again
+    for _, _, transport in members:
+        assert transport.writes == [wire(1), wire(2)]
+
+
+async def test_a_burst_costs_each_member_one_write_per_loop_turn() -> None:
+    outbox = Outbox()
+    hub = Hub(QuietBroker(), outbox=outbox)  # type: ignore[arg-type]
+    members = [member(hub, outbox, "room:a", f"m{i}") for i in range(2)]
+    for offset in (1, 2, 3):  # one turn: the first goes at once, the rest wait for its end
+        hub.on_publication(published("room:a", offset))
+    for _, _, transport in members:
+        assert transport.writes == [wire(1)]
+    await next_turn()
+    for _, _, transport in members:
+        assert transport.writes == [wire(1), wire(2, 3)]
+    for offset in (4, 5):  # the burst goes on: the whole turn in one write
+        hub.on_publication(published("room:a", offset))
+    await next_turn()
+    hub.on_publication(published("room:a", 6))  # the turn after a burst still coalesces
+    await next_turn()
+    hub.on_publication(published("room:a", 7))  # quiet again: at once
+    for _, _, transport in members:
+        assert transport.writes == [wire(1), wire(2, 3), wire(4, 5), wire(6), wire(7)]
+
+
+async def test_a_message_written_through_stays_behind_what_the_turn_gave_first() -> None:
+    outbox = Outbox()
+    hub = Hub(QuietBroker(), outbox=outbox)  # type: ignore[arg-type]
+    (conn, _, transport), (_, _, other) = (member(hub, outbox, "room:a", n) for n in "ab")
+    conn.reply(b'{"type":"ack"}')  # waits for the turn's end
+    hub.on_publication(published("room:a", 1))
+    assert other.writes == [wire(1)]
+    assert transport.writes == []  # not ahead of the reply
+    await next_turn()
+    assert transport.writes == [text_frame(b'{"type":"ack"}') + wire(1)]
+
+
+async def test_a_socket_above_its_high_water_gets_nothing_written_through() -> None:
+    outbox = Outbox()
+    hub = Hub(QuietBroker(), outbox=outbox)  # type: ignore[arg-type]
+    (slow, proto, transport), (_, _, other) = (member(hub, outbox, "room:a", n) for n in "ab")
+    proto.writable.clear()  # what uvicorn does when the transport pauses writing
+    hub.on_publication(published("room:a", 1))
+    await next_turn()
+    assert other.writes == [wire(1)]
+    assert transport.writes == [] and slow.backed_up  # queued for its writer, in the bound
+    proto.writable.set()
+    await next_turn()
+    assert transport.writes == [wire(1)]
+
+
+async def test_nothing_is_written_through_to_a_closing_socket() -> None:
+    outbox = Outbox()
+    hub = Hub(QuietBroker(), outbox=outbox)  # type: ignore[arg-type]
+    (_, proto, transport), (_, _, other) = (member(hub, outbox, "room:a", n) for n in "ab")
+    proto.close_sent = True  # the server's close frame is out: no data frame may follow it
+    hub.on_publication(published("room:a", 1))
+    await next_turn()
+    assert other.writes == [wire(1)] and transport.writes == []
+
+
+async def test_a_socket_that_fails_a_write_costs_the_others_nothing() -> None:
+    outbox = Outbox()
+    hub = Hub(QuietBroker(), outbox=outbox)  # type: ignore[arg-type]
+    first, (_, _, broken), last = (member(hub, outbox, "room:a", n) for n in "abc")
+
+    def closed(data: bytes) -> None:  # uvloop's answer once the handle is closed under us
+        raise RuntimeError("unable to perform operation: the handler is closed")
+
+    broken.write = closed  # type: ignore[method-assign]
+    hub.on_publication(published("room:a", 1))
+    assert first[2].writes == [wire(1)] and last[2].writes == [wire(1)]
