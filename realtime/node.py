@@ -22,7 +22,7 @@ import orjson
 from realtime import protocol as p
 from realtime.broker import Broker, BrokerUnavailable, PublishResult
 from realtime.connection import Connection
-from realtime.hub import Hub
+from realtime.hub import Hub, in_slices
 from realtime.presence import Member, Presence, PresenceUnavailable
 from realtime.reconciler import Reconciler
 from realtime.stats import Stat, gauge
@@ -257,6 +257,14 @@ class Node:
     # -- metrics (`realtime.stats`) ---------------------------------------------------------------
 
     def stats(self) -> list[Stat]:
+        return self._stats(self.hub.stats())
+
+    async def stats_in_slices(self) -> list[Stat]:
+        """The same as `stats`, without holding the loop for a pass over every connection:
+        for what runs every second (the stats feed), where `/metrics` runs on a scrape."""
+        return self._stats(await self.hub.stats_in_slices())
+
+    def _stats(self, hub: list[Stat]) -> list[Stat]:
         stats = [
             Stat("messages_published", "Messages published through this node", self.published),
             Stat(
@@ -285,7 +293,7 @@ class Node:
                 "Rooms with members on this node",
                 sum(1 for name in self.hub.channels if name.startswith(ROOM)),
             ),
-            *self.hub.stats(),
+            *hub,
             *self.sink.stats(),
         ]
         if self.reconciler is not None:
@@ -919,8 +927,10 @@ class Node:
                 if name.startswith(ROOM)
             ]
             try:
-                if entries:
-                    await self._restore_presence(await self.presence.refresh(entries))
+                missing: list[tuple[str, str]] = []
+                async for part in in_slices(entries):
+                    missing += await self.presence.refresh(part)
+                await self._restore_presence(missing)
                 if loop.time() >= expire_after:
                     for room, user in await self.presence.expire():
                         self._queue_diff(room, user, joined=False)
@@ -930,9 +940,9 @@ class Node:
             except Exception:
                 log.exception("presence sweep failed")
             try:
-                await self.user_connections.refresh(
-                    [(c.user.id, c.conn_id) for c in list(self.hub.connections.values())]
-                )
+                held = [(c.user.id, c.conn_id) for c in list(self.hub.connections.values())]
+                async for part in in_slices(held):
+                    await self.user_connections.refresh(part)
             except UserConnectionsUnavailable:
                 pass  # entries that expire meanwhile only under-count: admission errs open
             except Exception:

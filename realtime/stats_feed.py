@@ -3,7 +3,9 @@
 Each node publishes its own update, named by its node id, so a dashboard sums over the nodes
 it has heard from (`/live` does). Counters (`messages_published`, `deliveries`) become rates
 over the time since the previous update; gauges are read as they are. Everything comes from
-`Node.stats()` (`realtime.stats`), the same numbers `/metrics` serves.
+`Node.stats_in_slices()` (`realtime.stats`), the same numbers `/metrics` serves, counted a
+slice of connections per loop turn: once a second, a pass over every connection in one go
+would hold up whatever message arrived meanwhile.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class StatsSource(Protocol):
 
     node_id: str
 
-    def stats(self) -> list[Stat]: ...
+    async def stats_in_slices(self) -> list[Stat]: ...
 
     async def publish_feed(self, feed: str, data: Any) -> object: ...
 
@@ -45,9 +47,9 @@ class StatsPublisher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def sample(self, now: float) -> dict[str, Any]:
+    async def sample(self, now: float) -> dict[str, Any]:
         """One update's data; the first reports rates of 0 (there is nothing to compare to)."""
-        values = {stat.name: stat.value for stat in self.node.stats()}
+        values = {stat.name: stat.value for stat in await self.node.stats_in_slices()}
         published = values.get("messages_published", 0.0)
         delivered = values.get("deliveries", 0.0)
         messages_rate = deliveries_rate = 0.0
@@ -73,7 +75,7 @@ class StatsPublisher:
         failing = False
         while True:
             try:
-                await self.node.publish_feed(self.feed, self.sample(loop.time()))
+                await self.node.publish_feed(self.feed, await self.sample(loop.time()))
                 if failing:
                     log.info("stats feed publishing again")
                 failing = False

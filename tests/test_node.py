@@ -27,6 +27,7 @@ import pytest
 from realtime import protocol as p
 from realtime.broker_memory import MemoryBroker
 from realtime.connection import Connection
+from realtime.hub import SLICE
 from realtime.node import Node
 from realtime.presence_memory import MemoryPresence
 from realtime.reconciler import Reconciler
@@ -293,3 +294,27 @@ async def test_every_command_type_has_a_handler() -> None:
     source = inspect.getsource(Node.handle)
     for command in typing.get_args(p.Command):
         assert f"case p.{command.__name__}()" in source, command
+
+
+async def test_the_presence_sweep_keeps_every_connection_of_a_large_room_present() -> None:
+    """The sweep refreshes a slice of connections per loop turn (`realtime.hub.in_slices`):
+    every slice must be refreshed, or the connections past the first would expire while open."""
+    presence = MemoryPresence(timeout=0.6)  # swept every 0.2 s; unrefreshed entries go in 0.6 s
+    node = Node(
+        node_id="n1",
+        broker=MemoryBroker(),
+        presence=presence,
+        sink=Store(),
+        history=NoHistory(),
+        access=Open(),
+    )
+    await node.start()
+    try:
+        members = [await joined(node, f"u{i}") for i in range(2 * SLICE + 10)]
+        await asyncio.sleep(1.5)  # seven sweeps, more than two timeouts
+        present = await presence.members("r")
+        assert len(present) == len(members)
+        diffs = [f for f in members[0].frames if f.get("type") == "presence_diff"]
+        assert diffs and not any(diff["leaves"] for diff in diffs)  # nobody announced as gone
+    finally:
+        await node.close()

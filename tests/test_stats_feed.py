@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 
+from realtime.hub import SLICE, Hub
+from realtime.transport import Outbox
 from tests.processes import ServerProcess, server_env
+from tests.test_direct_writes import member, published
+from tests.test_hub_order import QuietBroker
 from tests.wsclient import Client, guest_token
 
 pytestmark = pytest.mark.slow
@@ -78,3 +83,40 @@ async def test_an_interval_of_0_publishes_nothing(
         await dashboard.close()
     finally:
         node.stop()
+
+
+async def test_the_feed_counts_connections_a_slice_per_loop_turn() -> None:
+    """Once a second, the feed adds up every connection; it must not hold up a message for
+    the whole pass: other work runs between its slices, and the figures are those of
+    `/metrics` (`Hub.stats`) all the same."""
+    outbox = Outbox()
+    hub = Hub(QuietBroker(), outbox=outbox)  # type: ignore[arg-type]
+    for i in range(3 * SLICE + 1):
+        member(hub, outbox, "room:a", f"m{i}")
+    slow, proto, _ = member(hub, outbox, "room:a", "slow")
+    proto.writable.clear()  # its transport paused: what it is sent waits in its queue
+    hub.on_publication(published("room:a", 1))
+    await asyncio.sleep(0)
+    assert slow.backed_up
+
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    worker = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    before = turns
+    sliced = await hub.stats_in_slices()
+    during = turns - before
+    worker.cancel()
+    assert during >= 3, "the loop ran nothing else while the feed counted 4 slices"
+    assert sliced == hub.stats()
+    figures = {stat.name: stat.value for stat in sliced}
+    assert figures["connections"] == 3 * SLICE + 2
+    assert figures["direct_write_connections"] == 3 * SLICE + 2
+    assert figures["backed_up_connections"] == 1
+    assert figures["outgoing_queue_bytes"] == len(b'{"type":"message","offset":1}')
