@@ -39,6 +39,13 @@ right after they came in (what a crowd leaves behind: collections, presence, laz
 peers have no sign-in and get the same number of subscribers. `report` prints every run's p99
 and maximum latency side by side: a tail must be good in every run, not in the median.
 
+With `--stamp`, the subscribers read through `loadtests.rawws.StampedTransport`, and the rate
+phase reports a second latency beside the one read in `data_received`: to the time the kernel
+received the delivery (`SO_TIMESTAMPNS`), which is the server's own latency. Thousands of
+subscribers on one core are read one socket after another, at about the pace a server writes
+them, so the first figure also measures the generator: a server that writes a message's
+deliveries faster than the generator reads them gains little in it.
+
 Collab on a shared broker: `collab-redis` and `collab-redis-2` are Collab as a hub node on the
 broker of `--broker-url` (`redis://` or `redis+cluster://`; a database or cluster the tool
 EMPTIES before each of their cases) with one process and with two (`collab serve --workers 2`;
@@ -544,6 +551,7 @@ class Recorder:
     """Counts every delivery to the subscribers; the latencies while a phase records them."""
 
     __slots__ = (
+        "arrivals",
         "complete",
         "counts",
         "deliveries",
@@ -564,11 +572,14 @@ class Recorder:
         self.gaps = 0
         self.last_delivery = 0.0
         self.latencies: list[float] | None = None
+        self.arrivals: list[float] | None = None  # the same to the kernel's receive time
         self.slowest = (0.0, 0.0)  # the longest latency while recording, and when it was sent
         self.progress = asyncio.Event()
         self.waiting = False
 
-    def delivered(self, session: Session, source: int, seq: int, sent: float) -> None:
+    def delivered(
+        self, session: Session, source: int, seq: int, sent: float, arrived: float
+    ) -> None:
         now = time.monotonic()
         self.deliveries += 1
         self.last_delivery = now
@@ -577,6 +588,8 @@ class Recorder:
             self.latencies.append(latency)
             if latency > self.slowest[0]:
                 self.slowest = (latency, sent)
+            if arrived and self.arrivals is not None:
+                self.arrivals.append(arrived - sent)
         # In order per publisher (several publishers' messages interleave in any order).
         if seq != session.seen.get(source, 0) + 1:
             self.gaps += 1
@@ -666,14 +679,14 @@ class Session:
             if payload.startswith(_COLLAB_MESSAGE):
                 if not self.publisher:
                     body = orjson.loads(payload)["body"]
-                    self.recorder.delivered(self, body["p"], body["seq"], body["t"])
+                    self.recorder.delivered(self, body["p"], body["seq"], body["t"], ws.arrived)
                 return
             self._collab_control(ws, orjson.loads(payload))
             return
         if payload.startswith(_SIO_MESSAGE):
             if not self.publisher:
                 body = orjson.loads(payload[2:])[1]["body"]
-                self.recorder.delivered(self, body["p"], body["seq"], body["t"])
+                self.recorder.delivered(self, body["p"], body["seq"], body["t"], ws.arrived)
             return
         self._socketio_control(ws, payload)
 
@@ -743,11 +756,12 @@ async def open_session(
     index: int = 0,
     presence_events: bool | None = False,
     within: float = 30.0,
+    stamped: bool = False,
 ) -> Session:
     session = Session(
         dialect, recorder, publisher=publisher, index=index, presence_events=presence_events
     )
-    session.ws = await connect(url, session.on_text, within=within)
+    session.ws = await connect(url, session.on_text, within=within, stamped=stamped)
     try:
         await asyncio.wait_for(asyncio.shield(session.ready), within)
     except BaseException:
@@ -763,10 +777,13 @@ class GuestDoor:
     REST (`POST /auth/guest`: a user row each), then connects with that token and joins with
     the default presence settings (the events on), so the room has N distinct users."""
 
-    def __init__(self, server: Server, recorder: Recorder, concurrency: int) -> None:
+    def __init__(
+        self, server: Server, recorder: Recorder, concurrency: int, stamped: bool = False
+    ) -> None:
         import httpx
 
         self.server = server
+        self.stamped = stamped
         self.recorder = recorder
         # A connection per sign-in: each guest is a browser of its own (and no request races
         # the server's keep-alive timeout on a connection it is closing).
@@ -780,7 +797,11 @@ class GuestDoor:
         token = response.json()["access_token"]
         url = f"ws://{self.server.base}{self.server.target.path}?token={token}"
         return await open_session(
-            url, self.server.target.dialect, self.recorder, presence_events=None
+            url,
+            self.server.target.dialect,
+            self.recorder,
+            presence_events=None,
+            stamped=self.stamped,
         )
 
     async def close(self) -> None:
@@ -870,6 +891,7 @@ class Options:
     publishers: int = 1
     guests: bool = False
     gc_log: Path | None = None
+    stamp: bool = False
 
 
 @dataclass
@@ -888,6 +910,10 @@ class Phase:
     p99_ms: float | None = None
     p999_ms: float | None = None
     max_ms: float | None = None
+    # With --stamp: the same to the time the kernel received each delivery (the server's part).
+    arrival_p50_ms: float | None = None
+    arrival_p99_ms: float | None = None
+    arrival_max_ms: float | None = None
     # When the message of the longest latency was sent, in seconds from the phase's start
     # (and on the machine's monotonic clock, to line it up with a server's own logs).
     max_sent_after_s: float | None = None
@@ -1043,6 +1069,7 @@ async def _rate(
     count = max(1, round(opts.rate * opts.rate_seconds))
     interval = 1.0 / opts.rate
     recorder.latencies = []
+    recorder.arrivals = [] if opts.stamp else None
     recorder.slowest = (0.0, 0.0)
     publisher.ack_latencies = []
     start_deliveries, start_gaps = recorder.deliveries, recorder.gaps
@@ -1062,6 +1089,7 @@ async def _rate(
     await recorder.until(lambda: publisher.acked - start_acked >= count, 5.0)
     phase.server_cpu, phase.generator_cpu, phase.others_cpu = meter.read()
     latencies, recorder.latencies = recorder.latencies, None
+    arrivals, recorder.arrivals = recorder.arrivals, None
     acks, publisher.ack_latencies = publisher.ack_latencies, None
     phase.published = count
     phase.acked = publisher.acked - start_acked
@@ -1077,6 +1105,10 @@ async def _rate(
     phase.p999_ms = ms(percentile(latencies, 99.9))
     _collections(phase, server, started)
     phase.max_ms = ms(max(latencies) if latencies else None)
+    if arrivals:
+        phase.arrival_p50_ms = ms(percentile(arrivals, 50))
+        phase.arrival_p99_ms = ms(percentile(arrivals, 99))
+        phase.arrival_max_ms = ms(max(arrivals))
     if latencies:
         phase.max_sent_after_s = round(recorder.slowest[1] - started, 3)
         phase.max_sent_monotonic = round(recorder.slowest[1], 3)
@@ -1108,10 +1140,12 @@ async def run_case(
         opener: Callable[[], Awaitable[Session]]
         if opts.guests and target.needs_token:
             case.guests = True
-            door = GuestDoor(server, recorder, opts.concurrency)
+            door = GuestDoor(server, recorder, opts.concurrency, stamped=opts.stamp)
             opener = door.open
         else:
-            opener = lambda: open_session(url, target.dialect, recorder)  # noqa: E731
+            opener = lambda: open_session(  # noqa: E731
+                url, target.dialect, recorder, stamped=opts.stamp
+            )
         subs, case.failures, case.connect_seconds = await open_many(
             subscribers, opener, opts.concurrency
         )
@@ -1521,6 +1555,11 @@ def per_run_latency(cases: list[dict[str, Any]]) -> list[str]:
         for target in targets:
             rate = (per.get(target) or {}).get("rate")
             cell = f"{_fmt(rate['p99_ms'], 1)} / {_fmt(rate.get('max_ms'), 1)}" if rate else "-"
+            if rate and rate.get("arrival_p99_ms") is not None:  # --stamp
+                cell += (
+                    f" (received {_fmt(rate['arrival_p99_ms'], 1)} /"
+                    f" {_fmt(rate['arrival_max_ms'], 1)})"
+                )
             if rate and rate.get("gc_full_passes"):  # --gc-log: full collections in the phase
                 cell += f" (GC: {rate['gc_full_passes']}, {_fmt(rate['gc_full_longest_ms'])} ms)"
             cells.append(cell)
@@ -1701,6 +1740,7 @@ async def compare(args: argparse.Namespace) -> Path:
         publishers=args.publishers,
         guests=args.guests,
         gc_log=args.gc_log,
+        stamp=args.stamp,
     )
     _raise_fd_limit(max(sizes) + 100)
     out = Path(args.out or RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -1745,6 +1785,11 @@ def _report_case(case: Case) -> None:
             latency = (
                 f", p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms, max {phase.max_ms:.2f} ms"
                 f" (sent at +{phase.max_sent_after_s} s, monotonic {phase.max_sent_monotonic})"
+            )
+        if phase.arrival_p99_ms is not None:
+            latency += (
+                f"; as received by the kernel: p50 {phase.arrival_p50_ms:.2f} ms,"
+                f" p99 {phase.arrival_p99_ms:.2f} ms, max {phase.arrival_max_ms:.2f} ms"
             )
         if phase.gc_full_passes is not None:
             latency += (
@@ -1870,6 +1915,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Collab's subscribers each sign in as a guest of their own (REST) and join with "
         "presence events on, as browsers do; the peers get the same number of subscribers",
+    )
+    c.add_argument(
+        "--stamp",
+        action="store_true",
+        help="subscribers read with recvmsg, and the rate phase also reports latency to the "
+        "kernel's receive time of each delivery (SO_TIMESTAMPNS, Linux): the server's part",
     )
     c.add_argument(
         "--gc-log",

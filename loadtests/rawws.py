@@ -7,6 +7,13 @@ its state machine, futures and queues; this one is an `asyncio.Protocol` that pa
 straight out of `data_received` and hands each text payload to a plain callback, with no task,
 future or queue per frame. It answers pings, honours close frames and masks what it sends;
 it does not negotiate extensions (so no per-message deflate) or subprotocols.
+
+`connect(..., stamped=True)` reads the socket with `recvmsg` instead of uvloop's reader, so each
+read carries the time the kernel received its data (`SO_TIMESTAMPNS`, Linux): a latency taken
+from that is the server's (its writes, the loopback), not the time this process took to get
+round to the socket. With thousands of subscribers on one core the generator reads a
+message's deliveries one socket after another, about as slowly as a server writes them, so a
+latency read at `data_received` measures the generator as much as the server.
 """
 
 from __future__ import annotations
@@ -15,8 +22,12 @@ import asyncio
 import base64
 import contextlib
 import os
-from collections.abc import Callable
-from typing import cast
+import socket
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 __all__ = ["WebSocketClient", "connect", "encode_frame"]
@@ -25,6 +36,12 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 _MAX_HANDSHAKE = 16 * 1024
 
 TextHandler = Callable[["WebSocketClient", bytes], None]
+
+# Linux's socket option and control message for receive times as a `struct timespec`; the
+# values of the common architectures (x86, arm), which Python's socket module does not name.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("qq")
+_READ_SIZE = 256 * 1024
 
 
 def _mask(payload: bytes, key: bytes) -> bytes:
@@ -63,6 +80,7 @@ class WebSocketClient(asyncio.Protocol):
         "_key",
         "_resource",
         "_transport",
+        "arrived",
         "close_code",
         "closed",
         "extra",
@@ -85,6 +103,9 @@ class WebSocketClient(asyncio.Protocol):
         self.opened: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[int | None] = loop.create_future()
         self.close_code: int | None = None
+        # When the kernel received the data being handled (`time.monotonic()`'s clock), on a
+        # stamped connection; 0.0 otherwise.
+        self.arrived = 0.0
         # Free for the user of the connection: headers to send, then anything it likes.
         self.extra: dict[str, str] = dict(headers or {})
 
@@ -230,14 +251,130 @@ class WebSocketClient(asyncio.Protocol):
             self._transport = None
 
 
+class StampedTransport:
+    """The part of an asyncio transport the client uses, over a socket read with `recvmsg`,
+    so that each read tells the client when the kernel received it (`WebSocketClient.arrived`).
+
+    Python-level reads cost more than uvloop's, so only the subscribers of a latency
+    measurement need it (`connect(..., stamped=True)`).
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, client: WebSocketClient
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._client = client
+        self._fd = sock.fileno()
+        self._unsent = bytearray()
+        self._closing = False
+        loop.add_reader(self._fd, self._read_ready)
+
+    def _read_ready(self) -> None:
+        try:
+            data, ancillary, _, _ = self._sock.recvmsg(_READ_SIZE, _ANCILLARY)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if not data:
+            self._lost(None)
+            return
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+                # The stamp is wall-clock time; the latencies are on the monotonic clock.
+                offset = time.time() - time.monotonic()
+                self._client.arrived = seconds + nanoseconds / 1e9 - offset
+        self._client.data_received(data)
+
+    def write(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._unsent:
+            self._unsent += data
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if sent < len(data):
+            self._unsent += data[sent:]
+            self._loop.add_writer(self._fd, self._write_ready)
+
+    def _write_ready(self) -> None:
+        try:
+            sent = self._sock.send(self._unsent)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        del self._unsent[:sent]
+        if not self._unsent:
+            self._loop.remove_writer(self._fd)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._unsent:  # what is queued (a close frame) goes out first, if it can at once
+            with contextlib.suppress(OSError):
+                self._sock.send(self._unsent)
+        self._lost(None)
+
+    def abort(self) -> None:
+        self._lost(None)
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._sock.close()
+        self._loop.call_soon(self._client.connection_lost, exc)
+
+
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+async def _stamped_connection(
+    host: str, port: int, client: WebSocketClient
+) -> tuple[StampedTransport, WebSocketClient]:
+    if sys.platform != "linux":
+        raise RuntimeError("stamped connections read SO_TIMESTAMPNS, which only Linux has")
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvloop's transports
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    transport = StampedTransport(loop, sock, client)
+    client.connection_made(transport)  # type: ignore[arg-type]
+    return transport, client
+
+
 async def connect(
     url: str,
     on_text: TextHandler,
     *,
     headers: dict[str, str] | None = None,
     within: float = 10.0,
+    stamped: bool = False,
 ) -> WebSocketClient:
-    """Open `ws://host:port/path?query` and complete the opening handshake."""
+    """Open `ws://host:port/path?query` and complete the opening handshake; `stamped`:
+    through a `StampedTransport`."""
     parts = urlsplit(url)
     if parts.scheme != "ws" or parts.hostname is None:
         raise ValueError(f"only ws:// URLs are supported here: {url}")
@@ -245,14 +382,18 @@ async def connect(
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host_header = f"{parts.hostname}:{port}"
     loop = asyncio.get_running_loop()
-    _, client = await asyncio.wait_for(
-        loop.create_connection(
+    opening: Awaitable[tuple[Any, WebSocketClient]]
+    if stamped:
+        opening = _stamped_connection(
+            parts.hostname, port, WebSocketClient(host_header, resource, on_text, headers)
+        )
+    else:
+        opening = loop.create_connection(
             lambda: WebSocketClient(host_header, resource, on_text, headers),
             parts.hostname,
             port,
-        ),
-        within,
-    )
+        )
+    _, client = await asyncio.wait_for(opening, within)
     try:
         await asyncio.wait_for(asyncio.shield(client.opened), within)
     except BaseException:

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_small_fanout_run_loses_no_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stamp", [False, True], ids=["read", "stamped"])
+def test_small_fanout_run_loses_no_message(tmp_path: Path, stamp: bool) -> None:
+    """`--stamp` reads the subscribers with recvmsg (`loadtests.rawws.StampedTransport`) and
+    adds the latency to the kernel's receive time of each delivery."""
     out = tmp_path / "fanout.json"
     done = subprocess.run(
         [
@@ -43,6 +46,7 @@ def test_small_fanout_run_loses_no_message(tmp_path: Path) -> None:
             "0.2",
             "--out",
             str(out),
+            *(["--stamp"] if stamp else []),
         ],
         cwd=REPO,
         capture_output=True,
@@ -63,3 +67,12 @@ def test_small_fanout_run_loses_no_message(tmp_path: Path) -> None:
             assert phase["deliveries"] == phase["expected"] == phase["published"] * 20, output
             assert phase["lost"] == 0 and phase["gaps"] == 0, output
             assert phase["disconnected"] == 0, output
+        rate = case["rate"]
+        if not stamp:
+            assert rate["arrival_p99_ms"] is None, output
+            continue
+        # The kernel received each delivery after it was sent and before it was read.
+        assert 0 < rate["arrival_p50_ms"] <= rate["arrival_p99_ms"] <= rate["arrival_max_ms"]
+        assert rate["arrival_p50_ms"] <= rate["p50_ms"], output
+        assert rate["arrival_p99_ms"] <= rate["p99_ms"], output
+        assert rate["arrival_max_ms"] <= rate["max_ms"], output
