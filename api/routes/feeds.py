@@ -8,10 +8,13 @@ from pydantic import BaseModel
 from api import schemas
 from api.deps import Context, ServiceUser
 from realtime.protocol import NAME_PATTERN
+from realtime.stats_feed import STATS_FEED
 
 router = APIRouter(prefix="/feeds", tags=["feeds"])
 FeedPath = Annotated[str, Path(pattern=f"^{NAME_PATTERN}$")]
-BUILT_IN = {"items"}
+# Published by the server itself: a service's update there would pass for the server's own
+# (on `stats`, a node's figures on every dashboard).
+BUILT_IN = {"items", STATS_FEED}
 
 
 class FeedPublish(schemas.Strict):
