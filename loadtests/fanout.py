@@ -101,6 +101,7 @@ from loadtests.rawws import WebSocketClient, connect
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_PEER = REPO / "loadtests" / "peers" / "socketio_node"
+NODE_SUBSCRIBERS = REPO / "loadtests" / "node_subscribers"  # --node-subscribers
 RESULTS = REPO / "loadtests" / "results"
 GC_LOGGER = REPO / "loadtests" / "gclog"  # a sitecustomize that logs collections (--gc-log)
 ROOM = "bench"
@@ -892,6 +893,7 @@ class Options:
     guests: bool = False
     gc_log: Path | None = None
     stamp: bool = False
+    node_subscribers: bool = False
 
 
 @dataclass
@@ -1119,6 +1121,126 @@ async def _rate(
     return phase
 
 
+class NodeSubscribers:
+    """The subscribers as one Node process of `ws` clients (`loadtests/node_subscribers`),
+    on the generator's CPUs: what the outside harness of issue 10 measured with, and a reader
+    that keeps up with a server this generator cannot (`--node-subscribers`)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, ready: int, failed: int) -> None:
+        self.process = process
+        self.ready = ready
+        self.failed = failed
+
+    @classmethod
+    async def open(cls, server: Server, count: int, opts: Options) -> NodeSubscribers:
+        guests = opts.guests and server.target.needs_token
+        config = {
+            "base": server.base,
+            "path": server.target.path,
+            "room": ROOM,
+            "count": count,
+            "concurrency": opts.concurrency,
+            "guests": guests,
+            "token": server._guest_token() if server.target.needs_token and not guests else None,
+        }
+        process = await asyncio.create_subprocess_exec(
+            "node",
+            str(NODE_SUBSCRIBERS / "subscribers.js"),
+            json.dumps(config),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=256 * 1024 * 1024,  # the latencies come back as one line
+        )
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 600)
+        if not line:
+            raise RuntimeError("the Node subscribers exited before they were in")
+        ready = json.loads(line)
+        return cls(process, int(ready["ready"]), int(ready["failed"]))
+
+    async def tell(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def result(self, within: float) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), within)
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()  # the process this generator started, by its handle
+        await self.process.wait()
+
+
+def node_subscribers_missing() -> str | None:
+    """Why `--node-subscribers` cannot run here, or None (installs `ws` on first use)."""
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if (NODE_SUBSCRIBERS / "node_modules" / "ws").is_dir():
+        return None
+    if shutil.which("npm") is None:
+        return "npm is not installed"
+    print(f"installing ws with npm into {NODE_SUBSCRIBERS} ...", flush=True)
+    done = subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(NODE_SUBSCRIBERS)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return None if done.returncode == 0 else f"npm ci failed: {done.stderr[-500:]}"
+
+
+async def _node_rate(
+    server: Server, publisher: Session, recorder: Recorder, nodes: NodeSubscribers, opts: Options
+) -> Phase:
+    """The rate phase (`_rate`) with the deliveries read by the Node subscribers."""
+    phase = Phase()
+    count = max(1, round(opts.rate * opts.rate_seconds))
+    interval = 1.0 / opts.rate
+    publisher.ack_latencies = []
+    start_acked = publisher.acked
+    meter = CpuMeter(server)
+    await nodes.tell("record")
+    started = time.monotonic()
+    seq = publisher.last_seq
+    for i in range(count):
+        delay = started + i * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        seq += 1
+        publisher.publish(seq)
+    publisher.last_seq = seq
+    await recorder.until(lambda: publisher.acked - start_acked >= count, opts.drain_timeout)
+    await nodes.tell(f"done {count} {opts.drain_timeout}")
+    result = await nodes.result(opts.drain_timeout + 60)
+    phase.server_cpu, phase.generator_cpu, phase.others_cpu = meter.read()
+    latencies: list[float] = result["latencies"]
+    acks, publisher.ack_latencies = publisher.ack_latencies, None
+    phase.published = count
+    phase.acked = publisher.acked - start_acked
+    phase.deliveries = int(result["delivered"])
+    phase.expected = count * nodes.ready
+    phase.lost = phase.expected - phase.deliveries
+    phase.gaps = int(result["gaps"])
+    phase.seconds = round(count * interval, 3)  # the publishing; the Node side reads along
+    phase.deliveries_per_s = round(phase.deliveries / max(phase.seconds, 1e-9))
+    phase.messages_per_s = round(count / max(phase.seconds, 1e-9), 1)
+    phase.p50_ms = ms(percentile(latencies, 50))
+    phase.p99_ms = ms(percentile(latencies, 99))
+    phase.p999_ms = ms(percentile(latencies, 99.9))
+    phase.max_ms = ms(max(latencies) if latencies else None)
+    phase.ack_p50_ms = ms(percentile(acks or [], 50))
+    phase.ack_p99_ms = ms(percentile(acks or [], 99))
+    phase.disconnected = int(result["disconnected"])
+    _collections(phase, server, started)
+    _cpu_per_delivery(phase, meter, None, None)
+    return phase
+
+
 async def run_case(
     target: Target, subscribers: int, run: int, opts: Options, workdir: Path
 ) -> Case:
@@ -1137,6 +1259,25 @@ async def run_case(
         sessions.extend(publishers)
         await asyncio.sleep(opts.settle)
         case.rss_before = server.rss()
+        if opts.node_subscribers:
+            case.guests = opts.guests and target.needs_token
+            started = time.monotonic()
+            nodes = await NodeSubscribers.open(server, subscribers, opts)
+            try:
+                case.connect_seconds = round(time.monotonic() - started, 3)
+                case.connections_per_s = round(nodes.ready / max(case.connect_seconds, 1e-9), 1)
+                case.joined = nodes.ready
+                if nodes.failed:
+                    case.failures = {"node subscriber failed": nodes.failed}
+                await asyncio.sleep(opts.settle)
+                case.rss_after = server.rss()
+                case.bytes_per_connection = round(
+                    (case.rss_after - case.rss_before) / max(nodes.ready, 1)
+                )
+                case.rate = await _node_rate(server, publishers[0], recorder, nodes, opts)
+            finally:
+                await nodes.close()
+            return case
         opener: Callable[[], Awaitable[Session]]
         if opts.guests and target.needs_token:
             case.guests = True
@@ -1728,6 +1869,14 @@ def _with_settings(targets: list[Target], args: argparse.Namespace) -> list[Targ
 async def compare(args: argparse.Namespace) -> Path:
     targets = _with_settings(_targets(args.targets), args)
     sizes = [int(s) for s in args.subscribers.split(",") if s.strip()]
+    if args.node_subscribers:
+        if args.burst_seconds > 0 or args.stamp:
+            raise SystemExit("--node-subscribers measures the rate phase only: --burst-seconds 0")
+        if any(t.dialect != "collab" for t in targets):
+            raise SystemExit("--node-subscribers: only targets that speak Collab's protocol")
+        missing = node_subscribers_missing()
+        if missing:
+            raise SystemExit(f"--node-subscribers: {missing}")
     opts = Options(
         window=args.window,
         max_inflight=args.max_inflight,
@@ -1741,6 +1890,7 @@ async def compare(args: argparse.Namespace) -> Path:
         guests=args.guests,
         gc_log=args.gc_log,
         stamp=args.stamp,
+        node_subscribers=args.node_subscribers,
     )
     _raise_fd_limit(max(sizes) + 100)
     out = Path(args.out or RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -1921,6 +2071,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="subscribers read with recvmsg, and the rate phase also reports latency to the "
         "kernel's receive time of each delivery (SO_TIMESTAMPNS, Linux): the server's part",
+    )
+    c.add_argument(
+        "--node-subscribers",
+        action="store_true",
+        help="the subscribers are Node `ws` clients in one process (loadtests/node_subscribers, "
+        "as the outside harness of issue 10), for the rate phase only (--burst-seconds 0); "
+        "targets that speak Collab's protocol",
     )
     c.add_argument(
         "--gc-log",

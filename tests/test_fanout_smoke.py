@@ -8,6 +8,8 @@ asserted here; they belong to docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +21,21 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("stamp", [False, True], ids=["read", "stamped"])
-def test_small_fanout_run_loses_no_message(tmp_path: Path, stamp: bool) -> None:
+@pytest.mark.parametrize("reader", ["read", "stamped", "node"])
+def test_small_fanout_run_loses_no_message(tmp_path: Path, reader: str) -> None:
     """`--stamp` reads the subscribers with recvmsg (`loadtests.rawws.StampedTransport`) and
-    adds the latency to the kernel's receive time of each delivery."""
+    adds the latency to the kernel's receive time of each delivery; `--node-subscribers` reads
+    them in a Node process of `ws` clients (the rate phase only), each signed in as a guest."""
+    if reader == "node" and shutil.which("node") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("node is missing: .ci/run installs it")
+        pytest.skip("node is not installed")
+    stamp = reader == "stamped"
+    extra = {
+        "read": [],
+        "stamped": ["--stamp"],
+        "node": ["--node-subscribers", "--guests", "--burst-seconds", "0"],
+    }[reader]
     out = tmp_path / "fanout.json"
     done = subprocess.run(
         [
@@ -46,12 +59,12 @@ def test_small_fanout_run_loses_no_message(tmp_path: Path, stamp: bool) -> None:
             "0.2",
             "--out",
             str(out),
-            *(["--stamp"] if stamp else []),
+            *extra,
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=300,
         check=False,
     )
     output = done.stdout[-4000:] + done.stderr[-4000:]
@@ -61,7 +74,9 @@ def test_small_fanout_run_loses_no_message(tmp_path: Path, stamp: bool) -> None:
     for case in cases:
         assert case["error"] is None, output
         assert case["joined"] == 20 and case["failures"] == {}, output
-        for phase in (case["burst"], case["rate"]):
+        if reader == "node":
+            assert case["burst"] is None and case["guests"] is (case["target"] == "collab")
+        for phase in (case["rate"],) if reader == "node" else (case["burst"], case["rate"]):
             assert phase["published"] > 0, output
             assert phase["acked"] == phase["published"], output
             assert phase["deliveries"] == phase["expected"] == phase["published"] * 20, output
