@@ -1145,6 +1145,7 @@ class NodeSubscribers:
         }
         process = await asyncio.create_subprocess_exec(
             "node",
+            "--expose-gc",
             str(NODE_SUBSCRIBERS / "subscribers.js"),
             json.dumps(config),
             stdin=asyncio.subprocess.PIPE,

@@ -87,6 +87,10 @@ async function main() {
     while (next < config.count) await open(next++);
   };
   await Promise.all(Array.from({ length: Math.min(config.concurrency, config.count) }, worker));
+  // The crowd's sign-ins leave garbage (responses, pooled sockets) that the Collab runs have
+  // and the peers' do not: collected now, not in the middle of the measurement (as the Python
+  // generator collects and freezes its own). `--expose-gc` makes `gc` available.
+  if (typeof global.gc === "function") global.gc();
   process.stdout.write(JSON.stringify({ ready: subs.length, failed }) + "\n");
   for await (const line of readline.createInterface({ input: process.stdin })) {
     const [command, count, timeout] = line.trim().split(/\s+/);
