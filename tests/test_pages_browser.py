@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from collab.publisher import Publisher
+from collab.settings import Settings
 from tests.processes import ServerProcess, server_env
 from tests.services import IN_CI
 
@@ -252,7 +254,8 @@ async def test_dashboard_charts_a_feed_across_a_server_restart(
             " figure[data-field=\"connections\"] svg')?.dataset.values ?? '[0]').at(-1) === 1",
             timeout=10_000,
         )
-        # A second node's update (here a service posing as one): the charts add it in.
+        # A second node's update, through the broker the nodes share (REST refuses `stats`
+        # to services: nobody may pose as a node there): the charts add it in.
         other = {
             "node": "other-node",
             "connections": 10,
@@ -262,12 +265,20 @@ async def test_dashboard_charts_a_feed_across_a_server_restart(
             "outgoing_queue_bytes": 0,
             "storage_lag_seconds": 0,
         }
-        response = httpx.post(
+        refused = httpx.post(
             f"{server.url}/feeds/stats",
             json={"data": other},
             headers={"Authorization": f"Bearer {token}"},
         )
-        assert response.status_code == 200, response.text
+        assert refused.status_code == 403, refused.text
+        settings = Settings(
+            env="test",
+            broker_url=redis_url,
+            database_url=env["COLLAB_DATABASE_URL"],
+            secret_key=env["COLLAB_SECRET_KEY"],
+        )
+        async with Publisher(settings, name="other-node") as node:
+            await node.publish_feed("stats", other)
         await page.wait_for_function(
             'JSON.parse(document.querySelector(\'section[data-feed="stats"]'
             ' figure[data-field="connections"] svg\').dataset.values).includes(11)',

@@ -12,6 +12,7 @@
 // Latencies are process.hrtime (CLOCK_MONOTONIC) less the body's `t`, Python's time.monotonic().
 "use strict";
 
+const http = require("node:http");
 const readline = require("node:readline");
 const WebSocket = require("ws");
 
@@ -25,15 +26,36 @@ function monotonic() {
   return Number(process.hrtime.bigint()) / 1e9;
 }
 
-async function token(i) {
-  if (!config.guests) return config.token || null;
-  const response = await fetch(`http://${config.base}/auth/guest`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ name: `guest ${i}` }),
+// A connection per sign-in, closed after it (as the Python generator's door): each guest is a
+// browser of its own, and no pooled connection is left for the server to time out and close
+// in the middle of the measurement, which the peers' runs (no sign-in) would not have.
+function token(i) {
+  if (!config.guests) return Promise.resolve(config.token || null);
+  const [host, port] = config.base.split(":");
+  const body = JSON.stringify({ name: `guest ${i}` });
+  return new Promise((resolve, reject) => {
+    const request = http.request(
+      {
+        host,
+        port: Number(port),
+        path: "/auth/guest",
+        method: "POST",
+        agent: false,
+        headers: { "content-type": "application/json", "content-length": Buffer.byteLength(body) },
+      },
+      (response) => {
+        let text = "";
+        response.setEncoding("utf8");
+        response.on("data", (chunk) => (text += chunk));
+        response.on("end", () => {
+          if (response.statusCode !== 200) reject(new Error(`sign-in: ${response.statusCode}`));
+          else resolve(JSON.parse(text).access_token);
+        });
+      },
+    );
+    request.on("error", reject);
+    request.end(body);
   });
-  if (!response.ok) throw new Error(`guest sign-in answered ${response.status}`);
-  return (await response.json()).access_token;
 }
 
 async function open(i) {
