@@ -1064,6 +1064,19 @@ async def _burst(
     return phase
 
 
+async def _publish_at_rate(publisher: Session, count: int, interval: float, started: float) -> None:
+    """`count` messages, the i-th at `started + i * interval` (not after the one before: a
+    late send does not push the rest back)."""
+    seq = publisher.last_seq
+    for i in range(count):
+        delay = started + i * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        seq += 1
+        publisher.publish(seq)
+    publisher.last_seq = seq
+
+
 async def _rate(
     server: Server, publisher: Session, recorder: Recorder, subs: list[Session], opts: Options
 ) -> Phase:
@@ -1079,14 +1092,7 @@ async def _rate(
     redis_before = await _redis_work(server)
     meter = CpuMeter(server)
     started = time.monotonic()
-    seq = publisher.last_seq
-    for i in range(count):
-        delay = started + i * interval - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        seq += 1
-        publisher.publish(seq)
-    publisher.last_seq = seq
+    await _publish_at_rate(publisher, count, interval, started)
     await recorder.until(lambda: recorder.complete - start_complete >= count, opts.drain_timeout)
     await recorder.until(lambda: publisher.acked - start_acked >= count, 5.0)
     phase.server_cpu, phase.generator_cpu, phase.others_cpu = meter.read()
@@ -1207,14 +1213,7 @@ async def _node_rate(
     meter = CpuMeter(server)
     await nodes.tell("record")
     started = time.monotonic()
-    seq = publisher.last_seq
-    for i in range(count):
-        delay = started + i * interval - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        seq += 1
-        publisher.publish(seq)
-    publisher.last_seq = seq
+    await _publish_at_rate(publisher, count, interval, started)
     await recorder.until(lambda: publisher.acked - start_acked >= count, opts.drain_timeout)
     await nodes.tell(f"done {count} {opts.drain_timeout}")
     result = await nodes.result(opts.drain_timeout + 60)
