@@ -519,6 +519,7 @@ class RedisBroker(Broker):
         self._handler: BrokerHandler | None = None
         self._started = False
         self._refresh_failing = False  # the cluster watcher's last slot map refresh failed
+        self._topology_suspect = False  # a subscribe failed: the watcher refreshes the map
         self._closed = False
         # Single Redis: one listener. Cluster: one per master (by node name), and where each
         # wanted channel is subscribed.
@@ -628,7 +629,14 @@ class RedisBroker(Broker):
             name = self._owner(channel)
             self._route[channel] = name
         listener = await self._listener_for(name)
-        await listener.subscribe(channel)
+        try:
+            await listener.subscribe(channel)
+        except BrokerUnavailable:
+            # The owner as last known does not answer: a failover may have moved the slot,
+            # and nothing else may refresh the map (a join subscribes before it sends a
+            # command, and the hub gives the channel up at once). The watcher looks now.
+            self._topology_suspect = True
+            raise
 
     async def unsubscribe(self, channel: str) -> None:
         if self._cluster is None:
@@ -709,8 +717,10 @@ class RedisBroker(Broker):
                     for listener in self._listeners.values()
                 )
                 and "" not in self._listeners
+                and not self._topology_suspect
             ):
                 continue
+            self._topology_suspect = False
             try:
                 await self._reroute()
             except Exception as exc:  # the next round tries again; a failover takes seconds

@@ -212,6 +212,54 @@ async def test_a_killed_master_fails_over_to_a_new_epoch_and_the_room_works_agai
         await subscriber.close()
 
 
+async def test_a_subscribe_is_what_gets_a_node_past_a_failover_it_sent_no_command_through(
+    own_cluster: RedisClusterProcesses,
+) -> None:
+    """A node whose only traffic to a shard is subscriptions (a join subscribes before it
+    sends any command) learns of that shard's failover from nothing else: the failed
+    subscribe itself has to get the slot map refreshed, or every later join of the shard's
+    rooms answers `unavailable` on that node long after the replica took over. Tried as the
+    hub does: each failed subscribe is given up (`unsubscribe`) and tried again."""
+    node, publisher = RedisBroker(own_cluster.url), RedisBroker(own_cluster.url)
+    seen = Seen()
+    await node.start(seen)
+    await publisher.start(Seen())
+    try:
+        room = f"room:s{uuid.uuid4().hex[:8]}"
+        await node.subscribe(room)  # the shard's listener exists, then holds nothing
+        await node.unsubscribe(room)
+        master = own_cluster.master_of(pubsub_key(room))
+        own_cluster.kill(master)
+        await eventually(
+            lambda: own_cluster.master_of(pubsub_key(room)) != master, 30, "the failover"
+        )
+        failed_over = time.monotonic()
+        refused = 0
+        while True:
+            try:
+                await node.subscribe(room)
+                break
+            except BrokerUnavailable:
+                refused += 1
+                await node.unsubscribe(room)
+                assert time.monotonic() - failed_over < 10, (
+                    f"still refused 10 s after the failover ({refused} attempts)"
+                )
+                await asyncio.sleep(0.1)
+        print(f"subscribed {time.monotonic() - failed_over:.1f}s after the failover")
+        result: PublishResult | None = None
+        while result is None:  # the publisher's own first command may meet the dead master
+            try:
+                result = await publish(publisher, room, 1)
+            except BrokerUnavailable:
+                await asyncio.sleep(0.1)
+        offset = result.offset
+        await eventually(lambda: seen.offsets(room) == [offset], 5, "the delivery")
+    finally:
+        await node.close()
+        await publisher.close()
+
+
 @pytest.fixture(scope="module")
 def hub_processes(
     redis_cluster: RedisClusterProcesses,
