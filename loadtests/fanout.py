@@ -138,21 +138,7 @@ class Target:
             except ImportError:
                 return "python-socketio is not installed (pip install python-socketio)"
         if self.name == "socketio-node":
-            if shutil.which("node") is None:
-                return "node is not installed"
-            if not (NODE_PEER / "node_modules" / "socket.io").is_dir():
-                if shutil.which("npm") is None:
-                    return "npm is not installed"
-                print(f"installing socket.io with npm into {NODE_PEER} ...", flush=True)
-                done = subprocess.run(
-                    ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(NODE_PEER)],
-                    capture_output=True,
-                    text=True,
-                    timeout=600,
-                    check=False,
-                )
-                if done.returncode != 0:
-                    return f"npm install failed: {done.stderr[-500:]}"
+            return node_packages_missing(NODE_PEER, "socket.io")
         return None
 
 
@@ -1182,23 +1168,29 @@ class NodeSubscribers:
         await self.process.wait()
 
 
-def node_subscribers_missing() -> str | None:
-    """Why `--node-subscribers` cannot run here, or None (installs `ws` on first use)."""
+def node_packages_missing(folder: Path, package: str) -> str | None:
+    """Why a Node program of the benchmark's cannot run here, or None. Installs its locked
+    packages (`npm ci`, the versions its package-lock.json names) on first use."""
     if shutil.which("node") is None:
         return "node is not installed"
-    if (NODE_SUBSCRIBERS / "node_modules" / "ws").is_dir():
+    if (folder / "node_modules" / package).is_dir():
         return None
     if shutil.which("npm") is None:
         return "npm is not installed"
-    print(f"installing ws with npm into {NODE_SUBSCRIBERS} ...", flush=True)
+    print(f"installing {package} with npm into {folder} ...", flush=True)
     done = subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(NODE_SUBSCRIBERS)],
+        ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(folder)],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     return None if done.returncode == 0 else f"npm ci failed: {done.stderr[-500:]}"
+
+
+def node_subscribers_missing() -> str | None:
+    """Why `--node-subscribers` cannot run here, or None (installs `ws` on first use)."""
+    return node_packages_missing(NODE_SUBSCRIBERS, "ws")
 
 
 async def _node_rate(

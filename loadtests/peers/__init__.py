@@ -9,7 +9,8 @@ fields as a Collab `message` event (room, offset, ids, user, body, time), so fra
 - `fastapi_server`: the naive FastAPI endpoint (a loop of `await ws.send_text` per member) on
   uvicorn. Same subset of the protocol.
 - `socketio_server`: python-socketio (ASGI) on uvicorn; events `join` and `publish` with acks.
-- `socketio_node/server.js`: the same on node's socket.io (`npm install` in that folder).
+- `socketio_node/server.js`: the same on node's socket.io (`npm ci` in that folder: the
+  versions its lockfile names).
 """
 
 __all__: list[str] = []
