@@ -927,6 +927,12 @@ class Phase:
     redis_cpu: float | None = None  # % of one core, the broker's masters together
     redis_cpu_s_per_million: float | None = None
     disconnected: int = 0
+    # Frames other than messages the subscribers read during the phase, by type, and the
+    # subscribers' own CPU in % of one core (Node subscribers; the rest of `others_cpu` is
+    # the kernel's softirq work and other processes): work a reader does for one server and
+    # not for another.
+    other_frames: dict[str, int] | None = None
+    reader_cpu: float | None = None
     # On the broker's masters (INFO), per published message (targets on the broker).
     redis: dict[str, float] | None = None
 
@@ -1203,13 +1209,18 @@ async def _node_rate(
     publisher.ack_latencies = []
     start_acked = publisher.acked
     meter = CpuMeter(server)
+    reader = psutil.Process(nodes.process.pid)
+    reader_before = sum(reader.cpu_times()[:2])
     await nodes.tell("record")
     started = time.monotonic()
     await _publish_at_rate(publisher, count, interval, started)
     await recorder.until(lambda: publisher.acked - start_acked >= count, opts.drain_timeout)
+    reader_cpu = sum(reader.cpu_times()[:2]) - reader_before
+    reader_wall = max(time.monotonic() - started, 1e-9)
     await nodes.tell(f"done {count} {opts.drain_timeout}")
     result = await nodes.result(opts.drain_timeout + 60)
     phase.server_cpu, phase.generator_cpu, phase.others_cpu = meter.read()
+    phase.reader_cpu = round(reader_cpu / reader_wall * 100, 1)
     latencies: list[float] = result["latencies"]
     acks, publisher.ack_latencies = publisher.ack_latencies, None
     phase.published = count
@@ -1228,6 +1239,7 @@ async def _node_rate(
     phase.ack_p50_ms = ms(percentile(acks or [], 50))
     phase.ack_p99_ms = ms(percentile(acks or [], 99))
     phase.disconnected = int(result["disconnected"])
+    phase.other_frames = {str(k): int(v) for k, v in result.get("others", {}).items()}
     _collections(phase, server, started)
     _cpu_per_delivery(phase, meter, None, None)
     return phase
@@ -1926,8 +1938,11 @@ def _report_case(case: Case) -> None:
         if phase.p50_ms is not None:
             latency = (
                 f", p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms, max {phase.max_ms:.2f} ms"
-                f" (sent at +{phase.max_sent_after_s} s, monotonic {phase.max_sent_monotonic})"
             )
+            if phase.max_sent_after_s is not None:  # not known of the Node subscribers'
+                latency += (
+                    f" (sent at +{phase.max_sent_after_s} s, monotonic {phase.max_sent_monotonic})"
+                )
         if phase.arrival_p99_ms is not None:
             latency += (
                 f"; as received by the kernel: p50 {phase.arrival_p50_ms:.2f} ms,"
@@ -1939,14 +1954,18 @@ def _report_case(case: Case) -> None:
                 f" {phase.gc_full_longest_ms} ms, {phase.gc_full_most_objects:,} objects),"
                 f" longest pause {phase.gc_longest_ms} ms"
             )
-        redis = ""
+        shares = ""
         if phase.redis_cpu is not None:
-            redis = f", Redis {phase.redis_cpu:.0f}% ({phase.redis_cpu_s_per_million} s)"
+            shares = f", Redis {phase.redis_cpu:.0f}% ({phase.redis_cpu_s_per_million} s)"
+        if phase.reader_cpu is not None:
+            shares += f" (the Node subscribers {phase.reader_cpu:.0f}%)"
+        if phase.other_frames:
+            latency += f", other frames read {phase.other_frames}"
         print(
             f"  {name}: {phase.published} published, {phase.deliveries_per_s:,} deliveries/s"
             f"{latency}, lost {phase.lost}, gaps {phase.gaps},"
             f" CPU: server {phase.server_cpu:.0f}%, generator {phase.generator_cpu:.0f}%,"
-            f" others {phase.others_cpu:.0f}%{redis}; {phase.deliveries_per_server_cpu_s:,}"
+            f" others {phase.others_cpu:.0f}%{shares}; {phase.deliveries_per_server_cpu_s:,}"
             f" deliveries ({phase.server_cpu_s_per_million} s per million) and"
             f" {phase.messages_per_server_cpu_s:,} messages per server CPU-second"
         )

@@ -83,6 +83,11 @@ def test_small_fanout_run_loses_no_message(tmp_path: Path, reader: str) -> None:
             assert phase["lost"] == 0 and phase["gaps"] == 0, output
             assert phase["disconnected"] == 0, output
         rate = case["rate"]
+        if reader == "node":
+            # The reader's own CPU, apart from the machine's rest; what else it read, by type.
+            assert rate["reader_cpu"] > 0 and isinstance(rate["other_frames"], dict), output
+        else:
+            assert rate["reader_cpu"] is None, output
         if not stamp:
             assert rate["arrival_p99_ms"] is None, output
             continue

@@ -8,7 +8,8 @@
 // guests, as a browser; off otherwise). Prints {"ready": n, "failed": k} once all are in. Then
 // reads lines on stdin: "record" starts recording latencies; "done <count> <timeout>" waits
 // until every subscriber has <count> recorded messages (or <timeout> seconds pass), prints
-// {"latencies": [...], "delivered": n, "gaps": k, "disconnected": d} and exits.
+// {"latencies": [...], "delivered": n, "gaps": k, "disconnected": d, "others": {type: n}}
+// and exits (`others`: frames other than messages read while recording).
 // Latencies are process.hrtime (CLOCK_MONOTONIC) less the body's `t`, Python's time.monotonic().
 "use strict";
 
@@ -19,6 +20,7 @@ const WebSocket = require("ws");
 const config = JSON.parse(process.argv[2]);
 const subs = [];
 const latencies = [];
+const others = {}; // frames other than `message` read while recording, by type
 let recording = false;
 let failed = 0;
 
@@ -86,6 +88,8 @@ async function open(i) {
           sub.recorded += 1;
         }
         sub.last = body.seq;
+      } else if (recording) {
+        others[frame.type] = (others[frame.type] || 0) + 1;
       } else if (frame.type === "welcome") {
         const join = { type: "join", id: 0, room: config.room };
         if (!config.guests) join.presence_events = false;
@@ -128,6 +132,7 @@ async function main() {
         delivered: subs.reduce((n, s) => n + s.recorded, 0),
         gaps: subs.reduce((n, s) => n + s.gaps, 0),
         disconnected: subs.filter((s) => !s.open).length,
+        others,
       };
       process.stdout.write(JSON.stringify(result) + "\n", () => process.exit(0));
       return;
