@@ -15,9 +15,9 @@ Celery, or the database directly) and honours `client_msg_id`.
 
 From synchronous code (a Celery task): `publish_sync(settings, "general", {...})`.
 
-The settings are the servers' own (`COLLAB_BROKER_URL`, `COLLAB_DATABASE_URL`,
-`COLLAB_CELERY_BROKER_URL`): the embedded `memory://` broker lives inside one server process
-and cannot be reached from outside, so it is refused.
+The settings are the servers' own (`COLLAB_BROKER_URL`: a Redis or a Redis Cluster;
+`COLLAB_DATABASE_URL`, `COLLAB_CELERY_BROKER_URL`): the embedded `memory://` broker lives
+inside one server process and cannot be reached from outside, so it is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from collab.realtime_wiring import build_node
 from collab.settings import Settings
 from persistence.database import create_engine, create_session_factory
 from realtime import protocol as p
+from realtime.backends import backend_kind
 from realtime.node import Node, PublishUnconfirmed
 from realtime.types import Position, UserInfo
 
@@ -62,10 +63,10 @@ class Publisher:
     """
 
     def __init__(self, settings: Settings, *, name: str = "service") -> None:
-        if settings.broker_url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+        if backend_kind(settings.broker_url) == "memory":
             raise ValueError(
-                "Publisher needs the servers' shared broker (COLLAB_BROKER_URL=redis://...); "
-                "memory:// lives inside one server process"
+                "Publisher needs the servers' shared broker (COLLAB_BROKER_URL=redis://... or "
+                "redis+cluster://...); memory:// lives inside one server process"
             )
         if not p.is_valid_name(name):
             raise ValueError("name: 1-64 characters of A-Z a-z 0-9 _ - . :")

@@ -285,6 +285,38 @@ def hubs(hub_processes: list[ServerProcess]) -> list[ServerProcess]:
     return hub_processes
 
 
+async def test_a_script_publishes_into_a_room_of_the_cluster(hubs: list[ServerProcess]) -> None:
+    """`collab.publisher` (a Celery task, a cron script) with the servers' own
+    `redis+cluster://` settings: the room's members on every node get the message in the
+    room's order, and a retry with its `client_msg_id` delivers nothing again."""
+    from collab.publisher import Publisher
+    from collab.settings import Settings
+
+    room = f"pub-{uuid.uuid4().hex[:8]}"
+    members = [
+        await join_on(node, guest_token(node.url, name), room)
+        for node, name in zip(hubs, ["ann", "bob", "carol"], strict=True)
+    ]
+    env = hubs[0].env
+    settings = Settings(
+        env="test",
+        broker_url=env["COLLAB_BROKER_URL"],
+        database_url=env["COLLAB_DATABASE_URL"],
+        secret_key=env["COLLAB_SECRET_KEY"],
+    )
+    assert settings.broker_url.startswith("redis+cluster://")
+    async with Publisher(settings, name="nightly") as publisher:
+        first = await publisher.publish(room, {"text": "report"}, client_msg_id="report-1")
+        again = await publisher.publish(room, {"text": "report"}, client_msg_id="report-1")
+    assert (again.epoch, again.offset, again.msg_id) == (first.epoch, first.offset, first.msg_id)
+    for client, joined in members:
+        [message] = await client.messages(room, 1)
+        assert message["offset"] == first.offset == joined["offset"] + 1
+        assert message["msg_id"] == first.msg_id and message["epoch"] == joined["epoch"]
+        assert message["user"] == {"id": "service:nightly", "name": "nightly"}
+        assert await client.no_frame(lambda f: f.get("type") == "message")
+
+
 async def test_two_hub_nodes_on_the_cluster_share_rooms_and_presence(
     hubs: list[ServerProcess],
 ) -> None:
