@@ -6,8 +6,9 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import Select, delete, func, select, text
 from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from persistence.models import Item, Message, Room, RoomMember, SetAsideMessage, User
@@ -203,8 +204,51 @@ async def insert_skipping_duplicates(
         # One multi-row statement: its rowcount is the rows written (an executemany's is not
         # reported).
         result = await session.execute(mysql.insert(model).values(list(rows)).prefix_with("IGNORE"))
-        return int(getattr(result, "rowcount", 0) or 0)
+        new = int(getattr(result, "rowcount", 0) or 0)
+        await _refuse_what_ignore_hid(session, model, rows, new)
+        return new
     raise NotImplementedError(f"no idempotent insert for {dialect}")  # pragma: no cover
+
+
+async def _refuse_what_ignore_hid(
+    session: AsyncSession,
+    model: type[Message | SetAsideMessage],
+    rows: Sequence[dict[str, Any]],
+    written: int,
+) -> None:
+    """MySQL's IGNORE skips a taken `msg_id`, and also turns every other refusal into a
+    warning: a row taking another message's (room, epoch, offset) is dropped, a value too long
+    for its column is cut short, both silently. What the other databases refuse is refused
+    here too (raised, the transaction uncommitted), so the writer sets that row aside.
+
+    Each skipped row leaves one warning; so more warnings than skipped rows means a written
+    row was altered, and a `msg_id` of the batch missing from the table means a row was skipped
+    for something else than its id. (The warnings are read first: a statement that reads a
+    table clears them. `@@warning_count` counts past the 64 that SHOW WARNINGS keeps.)
+    """
+    warnings = int(await session.scalar(text("SELECT @@warning_count")) or 0)
+    shown = (await session.execute(text("SHOW WARNINGS"))).all() if warnings else []
+    ids = {row["msg_id"] for row in rows}
+    present = await session.scalar(
+        select(func.count()).select_from(model).where(model.msg_id.in_(ids))
+    )
+    if warnings == len(rows) - written and present == len(ids):
+        return
+    # The database's own words, less the taken ids that IGNORE is there to skip.
+    reasons = [
+        f"{level} {code}: {message}"
+        for level, code, message in shown
+        if not (code == _DUPLICATE_KEY and "msg_id'" in message)
+    ]
+    reason = "; ".join(reasons[:3]) or "a row was refused"
+    raise IntegrityError("INSERT IGNORE", None, _Refused(reason))
+
+
+_DUPLICATE_KEY = 1062  # ER_DUP_ENTRY
+
+
+class _Refused(Exception):
+    """The database's warnings about a row it would have refused without IGNORE."""
 
 
 def message_row(
