@@ -21,7 +21,7 @@ from fastapi.openapi.docs import (
 )
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
@@ -146,7 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     registry = CollectorRegistry()
-    registry.register(NodeCollector(lambda: getattr(app.state, "node", None)))
+    collector = NodeCollector(lambda: getattr(app.state, "node", None))
+    registry.register(collector)
     app.state.metrics = registry
     for router in ROUTERS:
         app.include_router(router)
@@ -169,7 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(_request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await collector.scrape(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/asyncapi.json", include_in_schema=False)
     async def asyncapi() -> FileResponse:

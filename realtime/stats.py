@@ -7,7 +7,9 @@ The convention, followed by every component (`Hub`, `Node`, the sinks, the recon
 - The same component names them in one method, `stats()`, next to the counters: each a `Stat`
   with its Prometheus name (without `collab_`), its help text and its kind.
 - `Node.stats()` gathers its parts'; `collab.metrics.NodeCollector` turns them into Prometheus
-  metrics when `/metrics` is scraped, and knows no component by name.
+  metrics when `/metrics` is scraped (through `Node.stats_in_slices()`, the same figures with
+  the hub's census counted a slice of connections per loop turn), and knows no component by
+  name.
 
 A new metric is therefore a counter and a line in its owner's `stats()`; a new component with
 metrics implements `stats()` and is added to `Node.stats()`.

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from typing import TypeVar
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
+from collab.metrics import NodeCollector
 from realtime.hub import SLICE, Hub
+from realtime.stats import Stat
 from realtime.transport import Outbox
 from tests.processes import ServerProcess, server_env
 from tests.test_direct_writes import member, published
@@ -85,6 +89,28 @@ async def test_an_interval_of_0_publishes_nothing(
         node.stop()
 
 
+T = TypeVar("T")
+
+
+async def with_turns_counted(work: Awaitable[T]) -> tuple[T, int]:
+    """What `work` returns, and how many turns of the loop other work had meanwhile."""
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    worker = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    before = turns
+    try:
+        return await work, turns - before
+    finally:
+        worker.cancel()
+
+
 async def test_the_feed_counts_connections_a_slice_per_loop_turn() -> None:
     """Once a second, the feed adds up every connection; it must not hold up a message for
     the whole pass: other work runs between its slices, and the figures are those of
@@ -99,20 +125,7 @@ async def test_the_feed_counts_connections_a_slice_per_loop_turn() -> None:
     await asyncio.sleep(0)
     assert slow.backed_up
 
-    turns = 0
-
-    async def other_work() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    worker = asyncio.create_task(other_work())
-    await asyncio.sleep(0)
-    before = turns
-    sliced = await hub.stats_in_slices()
-    during = turns - before
-    worker.cancel()
+    sliced, during = await with_turns_counted(hub.stats_in_slices())
     assert during >= 3, "the loop ran nothing else while the feed counted 4 slices"
     assert sliced == hub.stats()
     figures = {stat.name: stat.value for stat in sliced}
@@ -120,3 +133,35 @@ async def test_the_feed_counts_connections_a_slice_per_loop_turn() -> None:
     assert figures["direct_write_connections"] == 3 * SLICE + 2
     assert figures["backed_up_connections"] == 1
     assert figures["outgoing_queue_bytes"] == len(b'{"type":"message","offset":1}')
+
+
+class _HubFigures:
+    """What the metrics collector asks of a node, answered by a bare hub."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def stats_in_slices(self) -> list[Stat]:
+        return await self.hub.stats_in_slices()
+
+
+async def test_a_metrics_scrape_counts_connections_a_slice_per_loop_turn() -> None:
+    """`/metrics` adds up every connection on every scrape, as the feed does once a second:
+    it must not hold a message up for the whole pass either, and its text carries the very
+    figures of `Hub.stats`."""
+    outbox = Outbox()
+    hub = Hub(QuietBroker(), outbox=outbox)  # type: ignore[arg-type]
+    for i in range(3 * SLICE + 1):
+        member(hub, outbox, "room:a", f"m{i}")
+    collector = NodeCollector(lambda: _HubFigures(hub))  # type: ignore[arg-type,return-value]
+    registry = CollectorRegistry()
+    registry.register(collector)
+    scraped, during = await with_turns_counted(collector.scrape(registry))
+    text = scraped.decode()
+    assert during >= 3, "the loop ran nothing else while the scrape counted 4 slices"
+    figures = hub.stats()
+    assert {stat.name: stat.value for stat in figures}["connections"] == 3 * SLICE + 1
+    for stat in figures:
+        sample = f"collab_{stat.name}{'_total' if stat.kind == 'counter' else ''}"
+        assert f"\n{sample} {float(stat.value)}\n" in text, stat.name
+    assert b"collab_connections" not in generate_latest(registry)  # counted only for a scrape
