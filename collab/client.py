@@ -379,27 +379,54 @@ class CollabClient:
                 rejoin.cancel()
 
     async def _rejoin(self) -> None:
-        """After a (re)connect: every room and feed again, from the last position seen."""
+        """After a (re)connect: every room and feed again, from the last position seen.
+
+        Only a refusal (`forbidden`, `too_many_channels`...) drops a room. A rejoin answered
+        `rate_limited` (more rooms than the server's burst) waits for the server's rate and
+        goes on; one answered `unavailable` (the broker is away, or a Redis Cluster shard is
+        failing over) is tried again with backoff, so a client that reconnects during an
+        outage is back in all its rooms once it ends. Until then the client is not ready:
+        what it sends waits, as while disconnected.
+        """
+        rate = float((self.welcome.get("limits") or {}).get("rate") or 0) or 20.0
         for name, options in list(self._joined.items()):
             command: Frame = (
                 {"type": "join", "room": name, **options}
                 if self.endpoint == "chat"
                 else {"type": "subscribe", "feed": name}
             )
-            seen = self.positions.get(name)
-            if seen is not None:
-                command["since"] = {"epoch": seen[0], "offset": seen[1]}
-            try:
-                reply = await self._request_now(command)
-            except CollabError as exc:
-                log.warning("collab client: rejoining %s failed: %s", name, exc)
-                self._joined.pop(name, None)
-                self._events.put_nowait({**exc.frame, "rejoin": name})
-                continue
-            except (ConnectionLost, RequestTimeout):
-                return  # the connection is going; the next one rejoins
-            self._after_join(name, reply)
-            self._events.put_nowait(reply)
+            outages = 0
+            while True:
+                seen = self.positions.get(name)
+                if seen is not None:
+                    command["since"] = {"epoch": seen[0], "offset": seen[1]}
+                try:
+                    reply = await self._request_now(command)
+                except CollabError as exc:
+                    if exc.code == "rate_limited":
+                        await asyncio.sleep(1.0 / rate)
+                        continue
+                    if exc.code == "unavailable":
+                        outages += 1
+                        log.info("collab client: rejoining %s: %s; trying again", name, exc)
+                        await asyncio.sleep(self._backoff(outages))
+                        continue
+                    log.warning("collab client: rejoining %s failed: %s", name, exc)
+                    self._joined.pop(name, None)
+                    self._events.put_nowait({**exc.frame, "rejoin": name})
+                    break
+                except ConnectionLost:
+                    return  # the connection is going; the next one rejoins
+                except RequestTimeout:
+                    # No reply on a socket that is still open: a wedged server or a network
+                    # that drops everything. Waiting on it would leave the client never
+                    # ready; a new connection rejoins.
+                    if self._ws is not None:
+                        self._ws.transport.abort()
+                    return
+                self._after_join(name, reply)
+                self._events.put_nowait(reply)
+                break
         self._ready.set()
         self._set_state("connected", {"welcome": self.welcome})
 

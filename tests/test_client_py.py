@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from collab.client import CollabClient, ConnectionLost, RequestTimeout
+from collab.client import CollabClient, ConnectionLost, Frame, RequestTimeout
 from tests.helpers import eventually
-from tests.processes import ServerProcess, server_env
+from tests.processes import RedisServer, ServerProcess, require_redis_server, server_env
 from tests.protocol_schema import check_frame
 from tests.wsclient import guest_token
 
@@ -132,6 +132,102 @@ async def test_rejoin_recovers_what_was_missed(tmp_path: Path) -> None:
         await ann.close()
     finally:
         node.stop()
+
+
+async def rejoined(client: CollabClient, rooms: set[str], wait: float = 20) -> list[Frame]:
+    """The events up to the `joined` reply of every room in `rooms` (a rejoin's replies)."""
+    seen: list[Frame] = []
+    left = set(rooms)
+    while left:
+        event = await client.next_event(wait)
+        seen.append(event)
+        if event["type"] == "joined":
+            left.discard(event["room"])
+    return seen
+
+
+async def test_a_client_in_more_rooms_than_the_burst_rejoins_every_one(tmp_path: Path) -> None:
+    """A reconnect rejoins every room in one go, more than the server's command burst: the
+    rejoins past it are answered `rate_limited`, and the client paces them at the server's
+    rate instead of dropping those rooms."""
+    env = server_env(tmp_path, {"COLLAB_RATE_BURST": "4", "COLLAB_RATE_LIMIT": "40"})
+    node = ServerProcess(env, tmp_path / "server.log").start()
+    rooms = [room_name() for _ in range(10)]
+    try:
+        async with (
+            CollabClient(node.ws_url, token=guest_token(node.url, "ann"), backoff_min=0.1) as ann,
+            CollabClient(node.ws_url, token=guest_token(node.url, "bob")) as bob,
+        ):
+            for room in rooms:  # joined at the server's pace (not what is tested here)
+                await ann.join(room, presence_events=False)
+                await bob.join(room, presence_events=False)
+                await asyncio.sleep(0.06)
+            assert ann._ws is not None
+            ann._ws.transport.abort()  # the network goes; the client reconnects at once
+            seen = await rejoined(ann, set(rooms))
+            assert [e for e in seen if e["type"] == "error"] == []
+            assert ann.state == "connected"
+            # Every room is really joined again: each one's next message reaches ann.
+            await asyncio.sleep(0.3)  # bob's command tokens back
+            for room in rooms[-3:]:
+                await bob.publish(room, {"room": room})
+            got = [await ann.next_event(10) for _ in range(3)]
+            assert [(e["type"], e["room"]) for e in got] == [("message", r) for r in rooms[-3:]]
+    finally:
+        node.stop()
+
+
+async def test_a_client_reconnecting_during_a_broker_outage_gets_its_rooms_back(
+    tmp_path: Path,
+) -> None:
+    """A client whose connection drops while Redis is down rejoins into `unavailable`: it keeps
+    the room and tries again with backoff (not connected meanwhile, its publishes waiting), and
+    is back in the room, with what was missed, once Redis is."""
+    require_redis_server()
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    redis_server = RedisServer(workdir, persistent=True)
+    redis_server.start()
+    env = server_env(tmp_path, {"COLLAB_BROKER_URL": redis_server.url})
+    node = ServerProcess(env, tmp_path / "server.log").start()
+    room = room_name()
+    try:
+        async with (
+            CollabClient(
+                node.ws_url, token=guest_token(node.url, "ann"), backoff_min=0.1, backoff_max=0.5
+            ) as ann,
+            CollabClient(node.ws_url, token=guest_token(node.url, "bob")) as bob,
+        ):
+            await ann.join(room, presence_events=False)
+            await bob.join(room, presence_events=False)
+            assert (await bob.publish(room, {"n": 1}))["offset"] == 1
+            assert (await ann.next_event(10))["offset"] == 1
+
+            redis_server.kill()
+            assert ann._ws is not None
+            ann._ws.transport.abort()
+
+            async def connecting_again() -> bool:
+                return ann.state == "connecting" and ann.welcome != {}
+
+            await eventually(connecting_again, 10, "ann connected again, rejoining")
+            publishing = asyncio.ensure_future(ann.publish(room, {"n": 2}))
+            await asyncio.sleep(2)  # several rejoins answered `unavailable` meanwhile
+            assert ann.state == "connecting"
+            assert not publishing.done()
+            assert ann._events.empty()  # no error: the room was not given up
+
+            redis_server.start()  # same port and data: the same epoch goes on
+            ack = await asyncio.wait_for(publishing, 30)
+            assert ack["offset"] == 2
+            events = await rejoined(ann, {room})
+            assert events[-1]["recovered"] is True
+            assert [e["type"] for e in events] == ["joined"]
+            assert (await ann.next_event(10))["offset"] == 2
+            assert ann.state == "connected"
+    finally:
+        node.stop()
+        redis_server.kill()
 
 
 async def test_a_refused_token_is_replaced_through_get_token(tmp_path: Path) -> None:

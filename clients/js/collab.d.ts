@@ -97,6 +97,8 @@ export class CollabError extends Error {
   code: string;
   frame: ErrorFrame;
   outcome?: "unknown";
+  /** On an `error` event: the room or feed a rejoin was refused for, and so given up. */
+  rejoin?: string;
 }
 
 interface CollabEvents {

@@ -152,19 +152,44 @@ export class CollabSocket extends EventTarget {
     this.emit(frame.type, frame);
   }
 
+  // Only a refusal (forbidden, too_many_channels...) drops a room. A rejoin answered
+  // rate_limited (more rooms than the server's burst) waits for the server's rate and goes on;
+  // one answered unavailable (the broker away, a Redis Cluster shard failing over) is tried
+  // again with backoff, so a client reconnecting during an outage is back in all its rooms
+  // once it ends. Until then it is not ready: what it sends waits, as while disconnected.
   async rejoin() {
+    const ws = this.ws;
+    const rate = Number(this.welcome?.limits?.rate) || 20;
     for (const [key, options] of [...this.joined]) {
-      const since = this.positions.get(key);
       const command = this.endpoint === "chat"
         ? { type: "join", room: key, ...options }
         : { type: "subscribe", feed: key };
-      if (since) command.since = since;
-      try {
-        this.afterJoin(key, await this.requestNow(command));
-      } catch (error) {
-        if (error.code === "connection_lost" || error.code === "timeout") return; // the next connection rejoins
-        this.joined.delete(key);
-        this.emit("error", error);
+      for (let outages = 0; ;) {
+        const since = this.positions.get(key);
+        if (since) command.since = since;
+        try {
+          this.afterJoin(key, await this.requestNow(command));
+          break;
+        } catch (error) {
+          if (error.code === "connection_lost") return; // the next connection rejoins
+          if (error.code === "timeout") {
+            // No reply on a socket still open (a wedged server, a network dropping
+            // everything): never ready on it, so a new connection rejoins.
+            if (this.ws === ws) ws.close(4000, "no reply to a rejoin");
+            return;
+          }
+          if (error.code === "rate_limited" || error.code === "unavailable") {
+            outages += error.code === "unavailable" ? 1 : 0;
+            const wait = error.code === "rate_limited" ? 1000 / rate : this.backoff(outages);
+            await new Promise((resolve) => setTimeout(resolve, wait));
+            if (this.ws !== ws) return; // gone meanwhile; the next connection rejoins
+            continue;
+          }
+          this.joined.delete(key);
+          error.rejoin = key; // which room or feed was given up
+          this.emit("error", error);
+          break;
+        }
       }
     }
     this.ready = true;

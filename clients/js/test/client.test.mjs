@@ -172,3 +172,28 @@ test("a publish whose storage did not confirm is sent again with the same id, on
     await stalling.stop();
   }
 });
+
+test("a rejoin of more rooms than the server's burst is paced, and drops none", async () => {
+  const strict = await new Server({ settings: { COLLAB_RATE_BURST: "4", COLLAB_RATE_LIMIT: "40" } }).start();
+  try {
+    const ann = open({ token: await guest(strict, "ann"), backoffMin: 100 }, strict);
+    const bob = open({ token: await guest(strict, "bob") }, strict);
+    const names = Array.from({ length: 10 }, room);
+    for (const name of names) { // joined at the server's pace (not what is tested here)
+      await ann.join(name, { presence_events: false });
+      await bob.join(name, { presence_events: false });
+      await sleep(60);
+    }
+    ann.ws.terminate(); // the network goes: ann rejoins all ten at once
+    await until(() => ann.events.filter((e) => e.kind === "joined").length === 20, "rejoined every room");
+    assert.deepEqual(ann.events.filter((e) => e.kind === "error"), []); // none was rate_limited away
+    assert.equal(ann.state, "connected");
+    assert.equal(ann.joined.size, 10);
+    await sleep(300); // bob's command tokens back
+    for (const name of names.slice(-3)) await bob.publish(name, { name });
+    await until(() => ann.events.filter((e) => e.kind === "message").length === 3, "the last rooms' messages");
+    assert.deepEqual(ann.events.filter((e) => e.kind === "message").map((m) => m.room), names.slice(-3));
+  } finally {
+    await strict.stop();
+  }
+});

@@ -106,7 +106,7 @@ export function client(server, options = {}) {
   });
   socket.events = [];
   socket.states = [];
-  for (const type of ["message", "joined", "update"]) {
+  for (const type of ["message", "joined", "update", "error"]) {
     socket.addEventListener(type, (event) => socket.events.push({ kind: type, ...event.detail }));
   }
   socket.addEventListener("state", (event) => socket.states.push(event.detail));
