@@ -209,6 +209,16 @@ async def test_dashboard_charts_a_feed_across_a_server_restart(
         await page.wait_for_function(
             "document.querySelector('#status').textContent === 'live'", timeout=10_000
         )
+        # "live" is the connection; the feed's own subscription is confirmed a reply later, and
+        # only then does the page get what is published (the panel's state says which).
+        await page.wait_for_function(
+            "document.querySelector('section[data-feed=\"sensors\"]')?.dataset.state"
+            " === 'subscribed'",
+            timeout=10_000,
+        )
+        assert await page.locator("section[data-feed=sensors] .meta").text_content() == (
+            "waiting for updates"
+        )
         chart = 'section[data-feed="sensors"] figure[data-field="{}"] svg'
 
         async def charted(field: str, count: int) -> list[float]:
@@ -231,6 +241,9 @@ async def test_dashboard_charts_a_feed_across_a_server_restart(
         server.stop()
         await page.wait_for_function(
             "document.querySelector('#status').dataset.state !== 'connected'", timeout=10_000
+        )
+        assert await page.locator("section[data-feed=sensors]").get_attribute("data-state") == (
+            "subscribing"
         )
         server.start()
         publish(5)
@@ -284,6 +297,17 @@ async def test_dashboard_charts_a_feed_across_a_server_restart(
             ' figure[data-field="connections"] svg\').dataset.values).includes(11)',
             timeout=10_000,
         )
+        # A feed the guest may not read is said to be refused, and the others go on.
+        await page.fill("#feed-name", "private")
+        await page.press("#feed-name", "Enter")
+        private = page.locator("section[data-feed=private]")
+        await page.wait_for_function(
+            "document.querySelector('section[data-feed=\"private\"]')?.dataset.state === 'refused'",
+            timeout=10_000,
+        )
+        assert await private.locator(".note").text_content() == "Cannot chart private: forbidden"
+        publish(1)
+        assert await charted("temperature", 16) == published
         assert errors == []
         await screenshot(page, tmp_path, "live.png")
     finally:
