@@ -96,6 +96,20 @@ async def test_two_people_chat_in_a_room(
         "document.querySelector('#messages').textContent.includes('hello from')", timeout=10_000
     )
     await screenshot(bob, tmp_path, "chat.png")
+    # A room the user may not join is said so, with the server's code; nothing else happens.
+    private = f"private-{uuid.uuid4().hex[:8]}"
+    owner = {"Authorization": f"Bearer {service_token(server, f'owner-{private}')}"}
+    created = httpx.post(
+        f"{server.url}/rooms", json={"name": private, "private": True}, headers=owner
+    )
+    assert created.status_code == 201, created.text
+    eve = await browser.new_page()
+    await eve.goto(f"{server.url}/chat?name=eve&room={private}")
+    await eve.wait_for_function(
+        f"document.querySelector('#status').textContent === 'cannot join {private}: forbidden'",
+        timeout=10_000,
+    )
+    assert await eve.locator("#text").is_disabled()
 
 
 async def test_dashboard_shows_items_as_they_change(
