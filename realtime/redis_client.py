@@ -9,12 +9,15 @@ or two (measured: 5,000 publishes at once), which is load, not an outage; a Redi
 not answer at all still fails each command within the socket timeout.
 
 Every command runs once (no retry: a blind retry of a script could publish twice), with the
-same timeouts for connecting and reading.
+same timeouts for connecting and reading. The one exception is on a cluster, a connection
+refused outright: the command was not sent, so it goes once more on the refreshed slot map.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import re
 from importlib import resources
 from typing import Any
@@ -34,6 +37,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from realtime.redis_tls import split_tls
+
+log = logging.getLogger(__name__)
 
 # A Redis, or a Redis Cluster: the commands the backends use exist on both.
 AnyRedis = aioredis.Redis | RedisCluster
@@ -107,15 +112,38 @@ class QueuedRedisCluster(RedisCluster):
         except TimeoutError:
             raise RedisConnectionError("no Redis Cluster connection free in time") from None
         try:
-            return await super().execute_command(*args, **kwargs)
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except RedisConnectionError as exc:
+                if not never_sent(exc):
+                    raise
+                log.info("Redis Cluster: %s; the command goes again on a refreshed slot map", exc)
+                # Refused before a byte was written: the command ran nowhere, so sending it
+                # once more is no retry of a write. The error asked for a slot-map refresh,
+                # which this second try runs first: after a failover it reaches the promoted
+                # replica, where every client of a node otherwise failed one command each.
+                return await super().execute_command(*args, **kwargs)
         finally:
             self._in_flight.release()
+
+
+# A connect that failed with one of these never carried a command (redis-py keeps the
+# socket's OSError as the ConnectionError's cause).
+_NEVER_CONNECTED = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+
+
+def never_sent(error: BaseException) -> bool:
+    """Whether `error` is a connection that could not be opened at all, so that nothing of
+    the command was sent (unlike a reset or a timeout, after which it may have run)."""
+    cause = error.__cause__
+    return isinstance(cause, OSError) and cause.errno in _NEVER_CONNECTED
 
 
 def redis_cluster_client(url: str, *, timeout: float, client_name: str = "") -> RedisCluster:
     """A Redis Cluster client: follows MOVED and ASK (a redirection means the command did not
     run, so following it is no retry) and refreshes its slot map after a connection error,
-    but never runs a command twice after a connection error."""
+    but never runs a command twice after a connection error: only a connection refused
+    outright (nothing sent) is tried once more, on the refreshed map."""
     url, tls = split_tls(url)
     parts = urlsplit(url)
     options: dict[str, Any] = {

@@ -208,14 +208,24 @@ class RedisClusterProcesses:
     def master_of(self, key: str) -> int:
         """The port of the master that owns `key`'s slot now, as the first node that answers
         sees it."""
+        for master in self.masters_seen(key, every=False):
+            return master
+        raise RuntimeError("no node of the cluster answers")
+
+    def masters_seen(self, key: str, *, every: bool = True) -> list[int]:
+        """The port of the master owning `key`'s slot as each node that answers sees it (only
+        the first, unless `every`): one port throughout once a failover reached every node."""
         from redis.crc import key_slot
 
         slot = key_slot(key.encode())
+        seen = []
         for port in list(self.processes):
             for first, last, master, *_ in self._ask(port, "CLUSTER", "SLOTS") or []:
                 if first <= slot <= last:
-                    return int(master[1])
-        raise RuntimeError("no node of the cluster answers")
+                    seen.append(int(master[1]))
+                    if not every:
+                        return seen
+        return seen
 
     def flush(self) -> None:
         for port in list(self.processes):
