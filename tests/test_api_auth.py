@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import TypedDict
 
 import httpx
 import jwt
@@ -10,6 +11,14 @@ from api.security import create_access_token
 from collab.settings import Settings
 from tests.conftest import TEST_SECRET
 from tests.helpers import login, register, user_with_token
+
+
+class TokenHolder(TypedDict):
+    """The arguments of `create_access_token` naming whom a token is for, and for how long."""
+
+    user_id: int
+    name: str
+    minutes: int
 
 
 async def test_register_then_token_then_me(client: httpx.AsyncClient) -> None:
@@ -76,7 +85,7 @@ async def test_expired_and_foreign_tokens_are_refused(client: httpx.AsyncClient)
     issued = (await login(client, "ann"))["Authorization"].removeprefix("Bearer ")
     version = jwt.decode(issued, options={"verify_signature": False})["ver"]
     past = datetime.now(UTC) - timedelta(days=2)
-    ann = {"user_id": user_id, "name": "ann", "minutes": 60}
+    ann: TokenHolder = {"user_id": user_id, "name": "ann", "minutes": 60}
     expired = create_access_token(TEST_SECRET, **ann, role="user", version=version, now=past)
     foreign = create_access_token(
         "another-secret-" + "y" * 40, **ann, role="admin", version=version
@@ -134,10 +143,10 @@ def test_production_refuses_default_or_missing_secret() -> None:
 
     for secret in (None, "changeme", "short-but-not-default"):
         with pytest.raises(ValidationError, match="COLLAB_SECRET_KEY"):
-            Settings(env="production", secret_key=secret, allowed_origins=["https://a.example"])  # type: ignore[arg-type]
+            Settings(env="production", secret_key=secret, allowed_origins=["https://a.example"])
     with pytest.raises(ValidationError, match="COLLAB_ALLOWED_ORIGINS"):
-        Settings(env="production", secret_key="k" * 40, allowed_origins=["*"])  # type: ignore[arg-type]
-    ok = Settings(env="production", secret_key="k" * 40, allowed_origins=["https://a.example"])  # type: ignore[arg-type]
+        Settings(env="production", secret_key="k" * 40, allowed_origins=["*"])
+    ok = Settings(env="production", secret_key="k" * 40, allowed_origins=["https://a.example"])
     assert ok.secret == "k" * 40
 
 

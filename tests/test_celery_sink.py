@@ -124,7 +124,7 @@ async def test_rabbitmq_acknowledged_batches_are_in_a_durable_queue(
     rabbitmq_celery_broker: IsolatedBroker,
 ) -> None:
     from amqp.exceptions import PreconditionFailed
-    from kombu import Connection
+    from kombu.connection import Connection
 
     broker = rabbitmq_celery_broker
     sink = make_sink(broker, max_batch=100, max_delay=0.05)
@@ -132,7 +132,7 @@ async def test_rabbitmq_acknowledged_batches_are_in_a_durable_queue(
     sent = messages(250)
     async with running(sink):
         await asyncio.gather(*(sink.store(m) for m in sent))
-    with Connection(broker.url, connect_timeout=5) as connection:
+    with Connection(broker.url, connect_timeout=5) as connection:  # type: ignore[no-untyped-call]
         channel = connection.channel()
         _, waiting, _ = channel.queue_declare(broker.queue, passive=True)
         assert waiting == 3

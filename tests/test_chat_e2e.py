@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -20,13 +20,17 @@ from websockets.exceptions import InvalidStatus
 
 from collab.client import CollabClient
 from tests.processes import UVICORN_WSPROTO, ServerProcess, server_env
-from tests.wsclient import Client, guest, guest_token
+from tests.wsclient import Client, Frame, guest, guest_token
 
 pytestmark = pytest.mark.slow
 
 
 def room_name() -> str:
     return f"r-{uuid.uuid4().hex[:10]}"
+
+
+def reply_to(command_id: int) -> Callable[[Frame], bool]:
+    return lambda f: f.get("id") == command_id
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +350,7 @@ async def test_origin_allow_list(tmp_path: Path) -> None:
     node = start(tmp_path, allowed_origins="https://good.example")
     try:
         token = guest_token(node.url)
-        good = await Client.connect(node.ws_url, token, origin="https://good.example")  # type: ignore[arg-type]
+        good = await Client.connect(node.ws_url, token, origin="https://good.example")
         assert good.welcome["type"] == "welcome"
         await good.close()
         bare = await Client.connect(node.ws_url, token)  # no Origin: not a browser
@@ -377,7 +381,7 @@ async def test_limits_rate_user_connections(tmp_path: Path) -> None:
         # Over the rate: rate_limited replies; a flood that goes on is closed with 1008.
         for i in range(10):
             await first.send({"type": "ping", "id": i})
-        replies = [await first.wait_for(lambda f, i=i: f.get("id") == i) for i in range(10)]
+        replies = [await first.wait_for(reply_to(i)) for i in range(10)]
         kinds = [r["type"] for r in replies]
         assert kinds.count("pong") >= 5 and "error" in kinds
         limited = next(r for r in replies if r["type"] == "error")

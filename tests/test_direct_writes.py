@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -108,7 +108,7 @@ def open_socket() -> tuple[Any, RecordingTransport]:
 
     proto = WebSocketsSansIOProtocol(Config(app=app, ws="websockets-sansio"), ServerState(), {})
     transport = RecordingTransport()
-    proto.transport = transport
+    proto.transport = cast(asyncio.Transport, transport)  # a stand-in, duck-typed
     proto.conn.state = State.OPEN
     proto.handshake_complete = True
     return proto, transport

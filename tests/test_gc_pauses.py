@@ -96,7 +96,12 @@ def test_the_frozen_count_follows_without_walking_the_frozen_objects(
     freezer.full_collection()
     walks: list[int] = []
     count = gc.get_freeze_count
-    monkeypatch.setattr(gc, "get_freeze_count", lambda: walks.append(1) or count())
+
+    def counted() -> int:
+        walks.append(1)
+        return count()
+
+    monkeypatch.setattr(gc, "get_freeze_count", counted)
     for step in range(1, 4):
         kept = [Cycle() for _ in range(1000)]  # noqa: F841 - what a step's connections built
         counts[:] = [step, 0, step]
@@ -116,7 +121,12 @@ def test_an_idle_tick_does_not_walk_the_frozen_objects(
     freezer.tick()
     walks: list[int] = []
     count = gc.get_freeze_count
-    monkeypatch.setattr(gc, "get_freeze_count", lambda: walks.append(1) or count())
+
+    def counted() -> int:
+        walks.append(1)
+        return count()
+
+    monkeypatch.setattr(gc, "get_freeze_count", counted)
     for _ in range(5):
         freezer.tick()  # nobody came or went
     assert walks == [] and freezer.freezes == 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +181,12 @@ async def test_worker_killed_anywhere_loses_nothing_acknowledged(
                 await connection.close()
         else:
             waiting = await send_burst(publisher, room, BURST)
+
+            def first_batch_stored(room: str = room) -> Awaitable[bool]:
+                return _positive(stored_count(guarded.database_url, room))
+
             await eventually(
-                lambda room=room: _positive(stored_count(guarded.database_url, room)),
+                first_batch_stored,
                 15,
                 "the first batch committed",
                 0.005,

@@ -21,7 +21,8 @@ async def test_the_newest_epoch_of_a_room_is_read_through_an_index(postgres_data
         .order_by(Message.created_at.desc(), Message.id.desc())
         .limit(1)
     )
-    sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's is untyped
+    sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
     dsn = make_url(postgres_database).set(drivername="postgresql")
     connection = await asyncpg.connect(dsn.render_as_string(hide_password=False))
     try:
