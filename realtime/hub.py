@@ -350,7 +350,7 @@ class Hub:
                 return
         elif channel.epoch is not None and channel.offset > 0:
             # The broker lost the channel's counter: every position clients hold is void.
-            self._reset(channel)
+            self._reset(channel, f"the broker started a new epoch {publication.epoch}")
             return
         self._deliver(channel, publication)
 
@@ -360,7 +360,7 @@ class Hub:
             # The gap is not closing fast enough to hold what keeps coming: the members
             # reconnect and recover, each from its own position.
             self.backlog_overflows += 1
-            self._reset(channel)
+            self._reset(channel, f"a gap held over {self.max_backlog_bytes} bytes waiting")
             return
         channel.backlog.append(publication)
 
@@ -450,21 +450,23 @@ class Hub:
             return
         channel.recovering = False
         if missed is None:
-            self._reset(channel)
+            self._reset(channel, f"the broker's window no longer holds offset {channel.offset + 1}")
             return
         backlog, channel.backlog, channel.backlog_bytes = channel.backlog, [], 0
         for publication in sorted([*missed, *backlog], key=lambda p: p.offset):
             if publication.epoch == channel.epoch and publication.offset == channel.offset + 1:
                 self._deliver(channel, publication)
 
-    def _reset(self, channel: Channel) -> None:
+    def _reset(self, channel: Channel, why: str) -> None:
         """Positions on this channel can no longer be continued: members reconnect and recover.
 
         A member still joining is judged on activation, by the position its reply names: one
         read in the voided epoch is sent off like the others, one read in a newer epoch (a
         client that rejoins right after a failover, before this node has heard of it) is the
         channel's new start, and is not sent off for a stream it never had."""
-        log.warning("channel %s lost continuity; asking its members to recover", channel.name)
+        log.warning(
+            "channel %s lost continuity (%s); asking its members to recover", channel.name, why
+        )
         voided, channel.epoch, channel.offset = channel.epoch, None, 0
         channel.voided = True
         channel.resets += 1

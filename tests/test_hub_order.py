@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
 from realtime.broker import Publication
 from realtime.connection import Connection
@@ -126,6 +127,21 @@ class FailedOverBroker(QuietBroker):
         return [p for p in self.window if p.offset > since.offset]
 
 
+class AskedWindowBroker(FailedOverBroker):
+    """The same, with a window that answers only when the test lets it: what arrives while
+    a recovery asks is seen to arrive then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def recent(self, channel: str, since: Position) -> list[Publication] | None:
+        self.asked.set()
+        await self.answer.wait()
+        return await super().recent(channel, since)
+
+
 async def active(hub: Hub, name: str, epoch: str, offset: int) -> tuple[Connection, list[int]]:
     conn, got = member(name)
     await hub.add_member(CHANNEL, conn)
@@ -170,9 +186,12 @@ async def test_a_member_joining_in_the_new_epoch_is_not_sent_off_for_the_old_one
     await hub.close()
 
 
-async def test_a_member_joining_in_the_voided_epoch_is_sent_off_too() -> None:
+async def test_a_member_joining_in_the_voided_epoch_is_sent_off_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The same switch, but the newcomer read its position before the failover: its reply
-    names the old epoch, so it is sent off to recover like the members already there."""
+    names the old epoch, so it is sent off to recover like the members already there. The
+    operator's log says which channel and why."""
     broker = FailedOverBroker()
     hub = Hub(broker)  # type: ignore[arg-type]
     _, old_got = await active(hub, "old", "e1", 5)
@@ -185,22 +204,27 @@ async def test_a_member_joining_in_the_voided_epoch_is_sent_off_too() -> None:
 
     assert old_got == [-1]
     assert new_got == [-1], "a reply in the voided epoch is void: sent off, handed nothing"
+    assert f"channel {CHANNEL} lost continuity (the broker started a new epoch e2)" in caplog.text
     await hub.close()
 
 
-async def test_a_failed_recovery_spares_a_joiner_already_in_the_new_epoch() -> None:
+async def test_a_failed_recovery_spares_a_joiner_already_in_the_new_epoch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The other way a node learns of a failover: its pub/sub moves to the new master and the
     gap recovery finds the old epoch gone from the window. A member joining meanwhile with the
     new epoch's position keeps its connection and gets what follows it, including what came
     in while the recovery was asking."""
-    broker = FailedOverBroker()
+    broker = AskedWindowBroker()
     hub = Hub(broker)  # type: ignore[arg-type]
     _, old_got = await active(hub, "old", "e1", 5)
     new, new_got = member("new")
     await hub.add_member(CHANNEL, new)
     broker.publish(1)
     hub.on_resubscribed([CHANNEL])  # recovery asks the window, which has no e1 any more
+    await broker.asked.wait()
     hub.on_publication(broker.publish(2))  # arrives while it asks: backlog, then dropped
+    broker.answer.set()
     await settle(lambda: bool(old_got))
     hub.activate(CHANNEL, new, Position("e2", 1))
     hub.on_publication(broker.publish(3))
@@ -208,6 +232,7 @@ async def test_a_failed_recovery_spares_a_joiner_already_in_the_new_epoch() -> N
 
     assert old_got == [-1]
     assert new_got == [2, 3]
+    assert "lost continuity (the broker's window no longer holds offset 6)" in caplog.text
     await hub.close()
 
 
