@@ -197,10 +197,11 @@ class CollabClient:
         """Publish `body` to a joined room; the `ack` (stored, with its offset and msg_id).
 
         Idempotent: sent with a `client_msg_id` (made up when not given), and sent again with
-        the same id after a lost connection (once reconnected and rejoined) or an
-        `outcome: "unknown"` error, so the room gets it exactly once. Waits while
-        disconnected. Raises `CollabError` for a refusal, `RequestTimeout` when a reply does
-        not come in time (retrying with the same `client_msg_id` is then safe).
+        the same id after a lost connection (once reconnected and rejoined), an
+        `outcome: "unknown"` or a `delivery: "unknown"` error, so the room gets it exactly
+        once. Waits while disconnected. Raises `CollabError` for a refusal, `RequestTimeout`
+        when a reply does not come in time (retrying with the same `client_msg_id` is then
+        safe).
         """
         command: Frame = {
             "type": "publish",
@@ -217,10 +218,12 @@ class CollabClient:
                     raise
                 continue  # sent again once reconnected: the same id, so at most once
             except CollabError as exc:
-                if exc.outcome != "unknown" or unconfirmed >= _PUBLISH_RETRIES:
+                unknown = exc.outcome == "unknown" or exc.frame.get("delivery") == "unknown"
+                if not unknown or unconfirmed >= _PUBLISH_RETRIES:
                     raise
-                # Delivered, storage did not confirm: the same id gets the first message's
-                # ack once it is stored, and nothing is delivered twice.
+                # Delivered but not confirmed stored, or maybe delivered (the broker's reply
+                # was lost): the same id gets the first message's ack if it went out, and
+                # publishes it otherwise; nothing is delivered twice.
                 unconfirmed += 1
                 await asyncio.sleep(self._backoff(unconfirmed))
 

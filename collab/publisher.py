@@ -121,8 +121,9 @@ class Publisher:
 
         Raises `ValueError` for a bad room, body or client_msg_id (the protocol's rules),
         `PermissionError` for a private room, `realtime.broker.BrokerUnavailable` when nothing
-        was published, and `PublishUnconfirmed` when the message was delivered but storage
-        did not confirm it (retry with the same `client_msg_id`).
+        was published (or, with `maybe_sent` true, when the broker's reply was lost and it may
+        have been), and `PublishUnconfirmed` when the message was delivered but storage did
+        not confirm it. Retrying with the same `client_msg_id` is safe in each case.
         """
         frame: dict[str, Any] = {"type": "publish", "room": room, "body": body}
         if client_msg_id is not None:

@@ -35,7 +35,8 @@ Contract, for every implementation:
   channel's state never expires while it holds publications above its storage mark: the
   idle time counts from the publish, or the confirmation, that leaves nothing unconfirmed.
 - While the backend is unreachable, `publish`, `publish_event`, `position` and `recent` raise
-  `BrokerUnavailable`; nothing is half-published.
+  `BrokerUnavailable`; nothing is half-published. A `publish` whose reply was lost is whole
+  or not there at all, and says it may have been sent (`maybe_sent`).
 - A broker never blocks on a slow consumer: `BrokerHandler` callbacks are plain functions
   that must return quickly.
 """
@@ -95,7 +96,16 @@ def frame_head(kind: str, name_key: str, channel: str) -> bytes:
 
 
 class BrokerUnavailable(Exception):
-    """The backend cannot be reached; the operation was not carried out."""
+    """The backend cannot be reached; the operation was not carried out.
+
+    Except where `maybe_sent` says otherwise: a `publish` whose command reached the backend
+    but whose reply never came back (the connection dropped, or the backend stalled past the
+    timeout) may have run, and may yet run, so its message may reach members. Only a retry
+    with the same idempotency key can tell, and it is safe either way."""
+
+    def __init__(self, message: str, *, maybe_sent: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,7 @@ from realtime.redis_client import (
     AnyRedis,
     is_cluster,
     lua_script,
+    may_have_run,
     redis_client,
     redis_cluster_client,
 )
@@ -845,13 +846,20 @@ class RedisBroker(Broker):
         # Without a seed a fresh epoch rides along (no extra round trip on a new channel);
         # with one, a missing meta is reported and the seed asked only then.
         start = ("", 0) if self._seed is not None else (new_epoch(), 0)
-        with _unavailable():
+        try:
             reply = await self._publish_script(keys=keys, args=[*args, *start, *tail])
             if reply[0] == 2:
-                initial = await self._initial_position(channel)
+                with _unavailable():
+                    initial = await self._initial_position(channel)
                 reply = await self._publish_script(
                     keys=keys, args=[*args, initial.epoch, initial.offset, *tail]
                 )
+        except _UNAVAILABLE as exc:
+            # A lost reply is not "not published": the script may have run (or, on a Redis
+            # that stalled, may run when it wakes), so its members may get the message.
+            raise BrokerUnavailable(
+                str(exc) or type(exc).__name__, maybe_sent=may_have_run(exc)
+            ) from exc
         if reply[0] == 1:
             epoch, offset, first_id = reply[1].decode().split(" ", 2)
             return PublishResult(

@@ -208,6 +208,7 @@ class WebSocketEndpoint:
 
     async def _command(self, node: Node, conn: Connection, data: str | bytes) -> None:
         command_id: p.CommandId = None
+        command: p.Command | None = None
         reply: bytes | None
         try:
             command = p.parse_command(data, self.kind, max_body_bytes=node.limits.max_body_bytes)
@@ -219,6 +220,13 @@ class WebSocketEndpoint:
                 reply = await node.handle(conn, command)
         except p.ProtocolError as exc:
             reply = exc.frame()
+        except BrokerUnavailable as exc:
+            if exc.maybe_sent and isinstance(command, p.Publish):
+                reply = p.delivery_unknown(command_id, command.room, str(exc))
+            else:
+                reply = p.error(
+                    command_id, p.ErrorCode.UNAVAILABLE, f"backend unavailable, not done: {exc}"
+                )
         except _UNAVAILABLE as exc:
             reply = p.error(
                 command_id, p.ErrorCode.UNAVAILABLE, f"backend unavailable, not done: {exc}"

@@ -651,6 +651,25 @@ def error(id: CommandId, code: ErrorCode, message: str) -> bytes:
     return orjson.dumps({"type": "error", "id": id, "code": code.value, "message": message})
 
 
+def delivery_unknown(id: CommandId, room: str, reason: str) -> bytes:
+    """The reply to a publish whose broker reply was lost: an `unavailable` that, unlike
+    every other, cannot say "not carried out", since the broker may have run it (or may yet:
+    a stalled Redis runs what it was sent when it wakes). `delivery: "unknown"` says so. A
+    retry with the same `client_msg_id` tells: it gets the first message's ack if that one
+    went out, and publishes it otherwise, so the room has it once either way."""
+    return orjson.dumps(
+        {
+            "type": "error",
+            "id": id,
+            "code": ErrorCode.UNAVAILABLE.value,
+            "message": f"the broker's reply was lost ({reason}); the message may have been "
+            "delivered: retry with the same client_msg_id",
+            "delivery": "unknown",
+            "room": room,
+        }
+    )
+
+
 def unconfirmed_publish(
     id: CommandId, code: ErrorCode, message: str, room: str, offset: int, msg_id: str
 ) -> bytes:

@@ -96,6 +96,10 @@ def cluster_seeds(url: str) -> list[tuple[str, int]]:
     return seeds
 
 
+class NoConnectionFree(RedisConnectionError):
+    """A command that waited `POOL_WAIT` for a connection and was never sent."""
+
+
 class QueuedRedisCluster(RedisCluster):
     """A cluster client whose commands wait for a free connection, as the single-Redis pool
     does (module docstring): redis-py's cluster keeps up to `max_connections` per node and
@@ -110,7 +114,7 @@ class QueuedRedisCluster(RedisCluster):
         try:
             await asyncio.wait_for(self._in_flight.acquire(), POOL_WAIT)
         except TimeoutError:
-            raise RedisConnectionError("no Redis Cluster connection free in time") from None
+            raise NoConnectionFree("no Redis Cluster connection free in time") from None
         try:
             try:
                 return await super().execute_command(*args, **kwargs)
@@ -137,6 +141,18 @@ def never_sent(error: BaseException) -> bool:
     the command was sent (unlike a reset or a timeout, after which it may have run)."""
     cause = error.__cause__
     return isinstance(cause, OSError) and cause.errno in _NEVER_CONNECTED
+
+
+def may_have_run(error: BaseException) -> bool:
+    """Whether the command that failed with `error` may have run on Redis all the same: it
+    was written, and the reply was lost (a dropped connection, or a Redis that stalled past
+    the read timeout: a stalled Redis runs it when it wakes). A refusal by the cluster
+    (CLUSTERDOWN, TRYAGAIN, no node for the slot) or a connection never opened is not."""
+    return (
+        isinstance(error, (RedisConnectionError, RedisTimeoutError))
+        and not isinstance(error, NoConnectionFree)
+        and not never_sent(error)
+    )
 
 
 def redis_cluster_client(url: str, *, timeout: float, client_name: str = "") -> RedisCluster:

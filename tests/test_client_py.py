@@ -20,7 +20,8 @@ from collab.client import CollabClient, ConnectionLost, Frame, RequestTimeout, S
 from tests.helpers import eventually
 from tests.processes import RedisServer, ServerProcess, require_redis_server, server_env
 from tests.protocol_schema import check_frame
-from tests.wsclient import guest_token
+from tests.test_service_publish import make_account
+from tests.wsclient import Client, guest_token
 
 pytestmark = pytest.mark.slow
 
@@ -231,6 +232,85 @@ async def test_a_client_reconnecting_during_a_broker_outage_gets_its_rooms_back(
             assert [e["type"] for e in events] == ["joined"]
             assert (await ann.next_event(10))["offset"] == 2
             assert state_of(ann) == "connected"
+    finally:
+        node.stop()
+        redis_server.kill()
+
+
+async def test_a_publish_whose_broker_reply_was_lost_is_not_called_undone(
+    tmp_path: Path,
+) -> None:
+    """Redis stalls (SIGSTOP) with a publish in it: the server's read times out, but Redis
+    runs the publish when it wakes, so its members get it. The reply must not say "not done"
+    (a retry under a new id would then deliver it twice): it says `delivery: "unknown"`, a
+    retry with the same client_msg_id gets the first one's ack, and the client library does
+    that retry by itself. Every message reaches the room once."""
+    require_redis_server()
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    redis_server = RedisServer(workdir)
+    redis_server.start()
+    env = server_env(tmp_path, {"COLLAB_BROKER_URL": redis_server.url})
+    node = ServerProcess(env, tmp_path / "server.log").start()
+    room = room_name()
+    try:
+        ann = await Client.connect(node.ws_url, guest_token(node.url, "ann"))
+        bob = await Client.connect(node.ws_url, guest_token(node.url, "bob"))
+        for member in (ann, bob):
+            await member.request({"type": "join", "room": room, "presence_events": False})
+        async with CollabClient(node.ws_url, token=guest_token(node.url, "cid")) as cid:
+            await cid.join(room, presence_events=False)
+            # One message before: the room is marked as one to reconcile, so the next
+            # publishes go straight to the script (a publish that stalls on the mark before
+            # it never ran, and says so: "not done").
+            assert (await cid.publish(room, {"n": 0}))["offset"] == 1
+            assert [m["body"]["n"] for m in await bob.messages(room, 1)] == [0]
+            service = {"Authorization": f"Bearer {make_account(node, 'svc', 'service')}"}
+
+            def rest_publish() -> httpx.Response:
+                return httpx.post(
+                    f"{node.url}/rooms/{room}/messages",
+                    json={"body": {"n": 3}, "client_msg_id": "s-1"},
+                    headers=service,
+                    timeout=20,
+                )
+
+            assert redis_server.process is not None
+            redis_server.process.send_signal(signal.SIGSTOP)
+            try:
+                publish = {"type": "publish", "room": room, "body": {"n": 1}}
+                reply = await ann.request({**publish, "client_msg_id": "a-1"}, timeout=20)
+                check_frame("/ws/chat", reply)
+                assert reply["code"] == "unavailable" and reply["delivery"] == "unknown", reply
+                assert reply["room"] == room and "outcome" not in reply
+                # REST says the same (503, detail.delivery), and cid's client retries alone.
+                by_rest = asyncio.ensure_future(asyncio.to_thread(rest_publish))
+                by_cid = asyncio.ensure_future(cid.publish(room, {"n": 2}))
+                refused = await by_rest
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["detail"]["delivery"] == "unknown"
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            # What Redis had been sent before it stalled, it runs now: a message the reply
+            # could not call "not done" (a publish a stalled Redis never received, on a
+            # connection still opening, does not run; the reply cannot tell the two apart).
+            await bob.no_frame(lambda f: False, wait=1.5)
+            ran = {m["body"]["n"] for m in bob.frames if m.get("type") == "message"} - {0}
+            assert ran & {1, 3}, "no publish answered 'delivery unknown' ran: nothing shown"
+            # Retried with the same ids, every message is in the room once.
+            retried = await ann.request({**publish, "client_msg_id": "a-1"}, timeout=20)
+            again = await asyncio.to_thread(rest_publish)
+            assert again.status_code == 201, again.text
+            by_cid_ack = await asyncio.wait_for(by_cid, 30)
+            got = await bob.messages(room, 3, timeout=20)
+            assert sorted(m["body"]["n"] for m in got) == [1, 2, 3]
+            msg_ids = {m["body"]["n"]: m["msg_id"] for m in got}
+            assert retried["type"] == "ack" and retried["msg_id"] == msg_ids[1]
+            assert again.json()["msg_id"] == msg_ids[3]
+            assert by_cid_ack["msg_id"] == msg_ids[2]
+            assert await bob.no_frame(lambda f: f.get("type") == "message", wait=1.0)
+        await ann.close()
+        await bob.close()
     finally:
         node.stop()
         redis_server.kill()

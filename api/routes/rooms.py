@@ -79,8 +79,10 @@ async def room_messages(
         413: {"description": "The body is over the server's body limit"},
         500: {"description": "Delivered, but the database refused it (`outcome: unknown`)"},
         503: {
-            "description": "The broker is down (nothing published), or delivered but storage "
-            "did not confirm (`detail.outcome` is `unknown`: retry with the same client_msg_id)"
+            "description": "The broker is down (nothing published); its reply was lost "
+            "(`detail.delivery` is `unknown`: maybe published); or delivered but storage did "
+            "not confirm (`detail.outcome` is `unknown`). Retrying with the same "
+            "client_msg_id is safe in every case."
         },
     },
 )
@@ -111,7 +113,20 @@ async def publish_message(
             p.ErrorCode.FORBIDDEN: status.HTTP_403_FORBIDDEN,
         }.get(exc.code, status.HTTP_422_UNPROCESSABLE_ENTITY)
         raise HTTPException(code, exc.message) from None
-    except BrokerUnavailable:
+    except BrokerUnavailable as exc:
+        if exc.maybe_sent:
+            # The broker's reply was lost: the message may have gone out. Saying "not
+            # published" would invite a retry under a new client_msg_id, and a duplicate.
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                {
+                    "message": f"the broker's reply was lost ({exc}); the message may have "
+                    "been delivered: retry with the same client_msg_id",
+                    "code": "unavailable",
+                    "delivery": "unknown",
+                    "room": room,
+                },
+            ) from None
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "Broker unavailable; not published"
         ) from None

@@ -57,6 +57,8 @@ export interface ErrorFrame {
   message: string;
   /** Only on a publish delivered to every member whose storage did not confirm. */
   outcome?: "unknown";
+  /** Only on a publish whose broker reply was lost: it may or may not have been delivered. */
+  delivery?: "unknown";
   room?: string;
   offset?: number;
   msg_id?: string;

@@ -279,7 +279,10 @@ export class CollabSocket extends EventTarget {
           return await this.request(command);
         } catch (error) {
           if (error.code === "connection_lost") continue; // once reconnected: same id, sent once
-          if (error.outcome === "unknown" && unconfirmed < PUBLISH_RETRIES) {
+          // Delivered but not confirmed stored, or maybe delivered (the broker's reply was
+          // lost): the same id gets the first message's ack, or publishes it; never twice.
+          const unknown = error.outcome === "unknown" || error.frame?.delivery === "unknown";
+          if (unknown && unconfirmed < PUBLISH_RETRIES) {
             unconfirmed += 1;
             await new Promise((resolve) => setTimeout(resolve, this.backoff(unconfirmed)));
             continue;
