@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { after, before, test } from "node:test";
-import { Server, client, guest, lockDatabase, metric, sleep, storedMessages, until } from "../testlib/server.mjs";
+import { Server, client, guest, lockDatabase, metric, noRedisServer, sleep, startRedis, storedMessages, until } from "../testlib/server.mjs";
 
 const room = () => `js-${randomUUID().slice(0, 8)}`;
 let server;
@@ -195,5 +195,38 @@ test("a rejoin of more rooms than the server's burst is paced, and drops none", 
     assert.deepEqual(ann.events.filter((e) => e.kind === "message").map((m) => m.room), names.slice(-3));
   } finally {
     await strict.stop();
+  }
+});
+
+test("a publish whose broker reply was lost (delivery unknown) is sent again with its id, once", { skip: noRedisServer }, async () => {
+  const redis = await startRedis();
+  const stalling = await new Server({ settings: { COLLAB_BROKER_URL: redis.url } }).start();
+  try {
+    const ann = open({ token: await guest(stalling, "ann") }, stalling);
+    const bob = open({ token: await guest(stalling, "bob") }, stalling);
+    const name = room();
+    await ann.join(name, { presence_events: false });
+    await bob.join(name, { presence_events: false });
+    await ann.publish(name, { n: 0 }); // the room is marked for reconciling: no stall before the script
+    redis.signal("SIGSTOP"); // the server's read times out (2 s); Redis runs the publish on waking
+    let ack;
+    const publishing = ann.publish(name, { n: 1 }).then((reply) => { ack = reply; });
+    try {
+      await sleep(2600); // the first try was answered "delivery unknown" and is waiting to retry
+      assert.equal(ack, undefined);
+      assert.equal(ann.unacked.size, 1);
+    } finally {
+      redis.signal("SIGCONT");
+    }
+    await publishing;
+    await until(() => bob.events.filter((e) => e.kind === "message").length === 2, "both messages");
+    await sleep(300);
+    const messages = bob.events.filter((e) => e.kind === "message");
+    assert.deepEqual(messages.map((m) => m.body.n), [0, 1]); // once: the retry got the first's ack
+    assert.equal(ack.msg_id, messages[1].msg_id);
+    assert.equal(ann.events.filter((e) => e.kind === "error").length, 0);
+  } finally {
+    await stalling.stop();
+    redis.stop();
   }
 });

@@ -1,7 +1,7 @@
 // A real `collab serve` for the tests: its own port and SQLite file, stopped by its PID.
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync } from "node:fs";
-import { createServer } from "node:net";
+import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import WebSocket from "ws";
@@ -154,4 +154,31 @@ export async function metric(server, name) {
   const text = await (await fetch(`${server.url}/metrics`)).text();
   const line = text.split("\n").find((l) => l.startsWith(name + " ") || l.startsWith(name + "_total "));
   return line ? Number(line.split(" ").at(-1)) : 0;
+}
+
+/** Why a test that starts a redis-server must skip: none is installed (never in CI). */
+export const noRedisServer =
+  !process.env.CI && spawnSync("redis-server", ["--version"]).error ? "redis-server is not installed" : false;
+
+/** A redis-server of the test's own on a free port (to stall with SIGSTOP), stopped by its PID. */
+export async function startRedis() {
+  const port = await freePort();
+  const folder = mkdtempSync(join(tmpdir(), "collab-js-redis-"));
+  const child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "",
+    "--appendonly", "no", "--dir", folder], { stdio: "ignore" });
+  const deadline = Date.now() + 10000;
+  for (;;) {
+    const up = await new Promise((resolve) => {
+      const probe = connect(port, "127.0.0.1", () => { probe.end(); resolve(true); });
+      probe.once("error", () => resolve(false));
+    });
+    if (up) break;
+    if (child.exitCode !== null || Date.now() > deadline) throw new Error("redis-server did not start");
+    await sleep(20);
+  }
+  return {
+    url: `redis://127.0.0.1:${port}/0`,
+    signal: (name) => { if (child.exitCode === null) process.kill(child.pid, name); },
+    stop: () => { if (child.exitCode === null) child.kill("SIGKILL"); },
+  };
 }
