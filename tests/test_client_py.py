@@ -286,9 +286,17 @@ async def test_a_publish_whose_broker_reply_was_lost_is_not_called_undone(
                 # REST says the same (503, detail.delivery), and cid's client retries alone.
                 by_rest = asyncio.ensure_future(asyncio.to_thread(rest_publish))
                 by_cid = asyncio.ensure_future(cid.publish(room, {"n": 2}))
+                feed = await asyncio.to_thread(
+                    httpx.post,
+                    f"{node.url}/feeds/sensors",
+                    json={"data": {"t": 1}},
+                    headers=service,
+                    timeout=20,
+                )
                 refused = await by_rest
-                assert refused.status_code == 503, refused.text
-                assert refused.json()["detail"]["delivery"] == "unknown"
+                for response in (refused, feed):
+                    assert response.status_code == 503, response.text
+                    assert response.json()["detail"]["delivery"] == "unknown"
             finally:
                 redis_server.process.send_signal(signal.SIGCONT)
             # What Redis had been sent before it stalled, it runs now: a message the reply

@@ -30,7 +30,12 @@ class Published(BaseModel):
 @router.post(
     "/{feed}",
     response_model=Published,
-    responses={503: {"description": "The broker is unavailable; nothing was published"}},
+    responses={
+        503: {
+            "description": "The broker is unavailable: nothing was published, or (`detail."
+            "delivery` is `unknown`) its reply was lost and the update may have gone out"
+        }
+    },
 )
 async def publish(
     feed: FeedPath, body: FeedPublish, _user: ServiceUser, context: Context
@@ -44,7 +49,18 @@ async def publish(
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Feeds are not available")
     try:
         position = await context.realtime.publish_feed(feed, body.data)
-    except BrokerUnavailable:
+    except BrokerUnavailable as exc:
+        if exc.maybe_sent:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                {
+                    "message": f"the broker's reply was lost ({exc}); the update may have "
+                    "been delivered",
+                    "code": "unavailable",
+                    "delivery": "unknown",
+                    "feed": feed,
+                },
+            ) from None
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "Broker unavailable; not published"
         ) from None
