@@ -16,7 +16,7 @@ from collab.app import create_app
 from collab.settings import Settings
 from persistence import migrate
 from tests.redis_cluster import RedisClusterProcesses
-from tests.services import MAX_WORKERS, MYSQL_URL, POSTGRES_URL, REDIS_URL, require
+from tests.services import MAX_WORKERS, MYSQL_URL, POSTGRES_URL, REDIS_URL, mysql_connect, require
 
 pytest_plugins = ["tests.celery_brokers"]
 
@@ -146,17 +146,7 @@ TABLES = ("messages", "set_aside_messages", "room_members", "rooms", "items", "u
 
 
 async def _mysql_execute(url: str, *statements: str) -> None:
-    import aiomysql
-
-    parts = make_url(url)
-    connection = await aiomysql.connect(
-        host=parts.host or "127.0.0.1",
-        port=parts.port or 3306,
-        user=parts.username or "root",
-        password=parts.password or "",
-        db=parts.database or "mysql",
-        autocommit=True,
-    )
+    connection = await mysql_connect(url)
     try:
         async with connection.cursor() as cursor:
             for statement in statements:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -63,3 +64,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def mysql_connect(url: str) -> Any:
+    """An autocommit aiomysql connection to the database of a SQLAlchemy `mysql+...` URL (the
+    server's own `mysql` database when it names none); close it."""
+    import aiomysql
+    from sqlalchemy.engine import make_url
+
+    parts = make_url(url)
+    return await aiomysql.connect(
+        host=parts.host or "127.0.0.1",
+        port=parts.port or 3306,
+        user=parts.username or "root",
+        password=parts.password or "",
+        db=parts.database or "mysql",
+        autocommit=True,
+    )

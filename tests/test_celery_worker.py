@@ -34,7 +34,7 @@ from realtime.types import UserInfo, new_msg_id
 from tests.celery_brokers import VISIBILITY_TIMEOUT
 from tests.helpers import eventually
 from tests.processes import ServerProcess, server_env
-from tests.services import POSTGRES_URL, free_port
+from tests.services import POSTGRES_URL, free_port, mysql_connect
 from tests.wsclient import Client, Frame, guest
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -115,6 +115,8 @@ def admin_dsn(url: str) -> str:
 
 
 async def stored_rows(database_url: str, rooms: list[str]) -> list[dict[str, Any]]:
+    if make_url(database_url).get_backend_name() == "mysql":
+        return await _stored_rows_mysql(database_url, rooms)
     import asyncpg
 
     connection = await asyncpg.connect(admin_dsn(database_url))
@@ -127,6 +129,24 @@ async def stored_rows(database_url: str, rooms: list[str]) -> list[dict[str, Any
     finally:
         await connection.close()
     return [{**dict(r), "body": orjson.loads(r["body"])} for r in records]
+
+
+async def _stored_rows_mysql(database_url: str, rooms: list[str]) -> list[dict[str, Any]]:
+    import aiomysql
+
+    connection = await mysql_connect(database_url)
+    try:
+        async with connection.cursor(aiomysql.DictCursor) as cursor:
+            marks = ", ".join(["%s"] * len(rooms))
+            await cursor.execute(
+                "SELECT msg_id, room, epoch, `offset`, user_id, user_name, body, client_msg_id"
+                f" FROM messages WHERE room IN ({marks})",
+                rooms,
+            )
+            records: list[dict[str, Any]] = list(await cursor.fetchall())
+    finally:
+        connection.close()
+    return [{**r, "body": orjson.loads(r["body"])} for r in records]
 
 
 async def wait_for_rows(
