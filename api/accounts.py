@@ -55,11 +55,20 @@ class AccountCache:
     def remember(self, account: Account, generation: int | None = None) -> None:
         if self.ttl <= 0 or (generation is not None and generation != self.generation):
             return
+        # Entries are in the order they expire (one ttl for all, a re-stored one moves to the
+        # end): the expired ones are at the front, and go here, or every guest of a crowd
+        # would stay remembered, useless, until `max_entries` pushed it out.
+        now = self._clock()
+        while self._entries:
+            oldest = next(iter(self._entries))
+            if self._entries[oldest][0] > now:
+                break
+            del self._entries[oldest]
         if len(self._entries) >= self.max_entries:
             # Oldest stored first (dicts keep insertion order); enough for a bound.
             self._entries.pop(next(iter(self._entries)))
         self._entries.pop(account.id, None)
-        self._entries[account.id] = (self._clock() + self.ttl, account)
+        self._entries[account.id] = (now + self.ttl, account)
 
     def forget(self, user_id: int) -> None:
         self.generation += 1

@@ -98,6 +98,27 @@ async def test_the_memory_never_answers_for_another_version_or_after_forget() ->
     assert await cache.holder(1, 7, loader(None)) is None
 
 
+def test_what_has_expired_is_not_kept() -> None:
+    """A crowd of guests each signs in once: the memory holds the ones of the last `ttl`
+    seconds, not every account it ever saw (up to its bound)."""
+    now = [0.0]
+    cache = AccountCache(ttl=10, clock=lambda: now[0])
+    for user_id in range(1, 1001):
+        now[0] = user_id / 10  # ten sign-ins a second, for a hundred seconds
+        cache.remember(Account(id=user_id, version=1, name=f"guest-{user_id}", role="user"))
+    assert sorted(cache._entries) == list(range(901, 1001))  # the last ten seconds' worth
+    now[0] = 115.0
+    cache.remember(Account(id=5000, version=1, name="late", role="user"))
+    assert sorted(cache._entries) == [5000]
+    # One stored again moves to the end, and lives a ttl from then.
+    now[0] = 120.0
+    cache.remember(Account(id=6000, version=1, name="other", role="user"))
+    cache.remember(Account(id=5000, version=1, name="late", role="user"))
+    now[0] = 126.0
+    cache.remember(Account(id=7000, version=1, name="new", role="user"))
+    assert list(cache._entries) == [6000, 5000, 7000]
+
+
 async def test_a_lookup_under_way_when_the_account_is_forgotten_stores_nothing() -> None:
     cache = AccountCache(ttl=10)
     old = Account(id=2, version=1, name="old", role="user")
