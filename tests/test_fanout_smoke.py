@@ -85,7 +85,10 @@ def test_small_fanout_run_loses_no_message(tmp_path: Path, reader: str) -> None:
         rate = case["rate"]
         if reader == "node":
             # The reader's own CPU, apart from the machine's rest; what else it read, by type.
-            assert rate["reader_cpu"] > 0 and isinstance(rate["other_frames"], dict), output
+            # Measured, which is all that can be asked: twenty readers of twenty messages may
+            # use less than the one clock tick (10 ms) that process CPU times count in.
+            assert isinstance(rate["reader_cpu"], float) and rate["reader_cpu"] >= 0, output
+            assert isinstance(rate["other_frames"], dict), output
         else:
             assert rate["reader_cpu"] is None, output
         if not stamp:
