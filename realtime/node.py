@@ -205,6 +205,7 @@ class Node:
         self.published = 0
         self.acknowledged = 0  # publishes answered with `ack`: stored, or in the Celery broker
         self.unconfirmed_replies = 0  # delivered, but storage did not confirm in time
+        self.delivery_unknown_replies = 0  # the broker's reply to a publish was lost
         self.closed_too_slow = 0  # connections closed with 4408: read slower than the room
         # The built-in `stats` feed, every `stats_interval` seconds; 0 publishes none.
         self.stats_publisher = StatsPublisher(self, stats_interval) if stats_interval > 0 else None
@@ -276,6 +277,12 @@ class Node:
                 "messages_unconfirmed_replies",
                 "Publishes delivered whose storage did not confirm: answered outcome unknown",
                 self.unconfirmed_replies,
+            ),
+            Stat(
+                "messages_delivery_unknown_replies",
+                "Publishes whose broker reply was lost (Redis stalled or dropped the "
+                "connection): answered delivery unknown",
+                self.delivery_unknown_replies,
             ),
             Stat(
                 "connections_closed_too_slow",
@@ -619,15 +626,20 @@ class Node:
             msg_id, command.client_msg_id, user, command.body_json or command.body, ts
         )
         key = f"{user.id}:{command.client_msg_id}" if command.client_msg_id else None
-        result = await self.broker.publish(
-            channel,
-            kind="message",
-            name_key="room",
-            msg_id=msg_id,
-            fields=fields,
-            idempotency_key=key,
-            durable=True,
-        )
+        try:
+            result = await self.broker.publish(
+                channel,
+                kind="message",
+                name_key="room",
+                msg_id=msg_id,
+                fields=fields,
+                idempotency_key=key,
+                durable=True,
+            )
+        except BrokerUnavailable as exc:
+            if exc.maybe_sent:  # answered `delivery: "unknown"` (WebSocket) or its 503 (REST)
+                self.delivery_unknown_replies += 1
+            raise
         self.published += 1
         if result.duplicate:
             # A retry: what is stored is the first message, never this retry's body. Its

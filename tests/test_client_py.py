@@ -317,6 +317,12 @@ async def test_a_publish_whose_broker_reply_was_lost_is_not_called_undone(
             assert again.json()["msg_id"] == msg_ids[3]
             assert by_cid_ack["msg_id"] == msg_ids[2]
             assert await bob.no_frame(lambda f: f.get("type") == "message", wait=1.0)
+            # Counted for the operator: ann's, the REST one, and at least one of cid's tries.
+            metrics = httpx.get(f"{node.url}/metrics").text
+            line = next(
+                x for x in metrics.splitlines() if x.startswith("collab_messages_delivery_unknown")
+            )
+            assert float(line.split()[-1]) >= 3, line
         await ann.close()
         await bob.close()
     finally:
