@@ -191,7 +191,10 @@ class WebSocketEndpoint:
                 return
             if not conn.bucket.take():
                 conn.flood_strikes += 1
-                if conn.flood_strikes > limits.burst:
+                # Sent off only past the channel cap too: a client that rejoins every room it
+                # may hold in one go, without pacing, gets `rate_limited` for the rooms past
+                # the burst (and may ask again), not a 1008 that its reconnect would repeat.
+                if conn.flood_strikes > max(limits.burst, limits.max_channels_per_connection):
                     await conn.close(p.CloseCode.POLICY_VIOLATION)
                     return
                 command_id = _peek_id(data)

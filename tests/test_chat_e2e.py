@@ -386,7 +386,17 @@ async def test_limits_rate_user_connections(tmp_path: Path) -> None:
         assert kinds.count("pong") >= 5 and "error" in kinds
         limited = next(r for r in replies if r["type"] == "error")
         assert limited["code"] == "rate_limited"
-        for i in range(100):
+        # A naive rejoin of all the rooms a connection may hold (128), sent at once: the ones
+        # past the burst are refused, and the connection stays (it is no flood to send off).
+        await asyncio.sleep(1.2)  # the bucket full again
+        for i in range(128):
+            await first.send({"type": "join", "id": 1000 + i, "room": f"r{i}"})
+        joins = [await first.wait_for(reply_to(1000 + i)) for i in range(128)]
+        assert {r["type"] for r in joins} == {"joined", "error"}
+        assert {r["code"] for r in joins if r["type"] == "error"} == {"rate_limited"}
+        await asyncio.sleep(0.5)
+        assert (await first.request({"type": "ping"}))["type"] == "pong"
+        for i in range(200):
             await first.send({"type": "ping", "id": 100 + i})
         assert await first.closed_with() == 1008
     finally:
