@@ -245,11 +245,29 @@ class CollabClient:
     async def request(self, command: Frame) -> Frame:
         """Send `command` with a fresh id once connected; its reply (an `error` raises).
 
-        Raises `RequestTimeout` when no reply comes within `request_timeout` of sending,
-        `ConnectionLost` when the connection drops first.
+        A command refused as `rate_limited` (not carried out) is sent again at the server's
+        pace (`welcome.limits.rate`), for up to `request_timeout`: joining fifty rooms or
+        publishing a burst in one go goes through, a little later, instead of failing past
+        the server's burst. Raises `RequestTimeout` when no reply comes within
+        `request_timeout` of sending, `ConnectionLost` when the connection drops first.
         """
-        await self._wait_ready()
-        return await self._request_now(command)
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
+        while True:
+            await self._wait_ready()
+            try:
+                return await self._request_now(command)
+            except CollabError as exc:
+                if exc.code != "rate_limited":
+                    raise
+                # Jittered, so that commands refused together do not all come back together.
+                wait = (1 + random.random()) / self._rate()
+                if asyncio.get_running_loop().time() + wait > deadline:
+                    raise
+                await asyncio.sleep(wait)
+
+    def _rate(self) -> float:
+        """The server's command rate per second, as its welcome says (20 if it does not)."""
+        return float((self.welcome.get("limits") or {}).get("rate") or 0) or 20.0
 
     async def events(self) -> AsyncIterator[Frame]:
         """Events in arrival order: `message`, `update`, `typing`, `presence_diff`, and after
@@ -391,7 +409,7 @@ class CollabClient:
         outage is back in all its rooms once it ends. Until then the client is not ready:
         what it sends waits, as while disconnected.
         """
-        rate = float((self.welcome.get("limits") or {}).get("rate") or 0) or 20.0
+        rate = self._rate()
         for name, options in list(self._joined.items()):
             command: Frame = (
                 {"type": "join", "room": name, **options}

@@ -184,6 +184,25 @@ async def test_a_client_in_more_rooms_than_the_burst_rejoins_every_one(tmp_path:
         node.stop()
 
 
+async def test_a_burst_past_the_servers_rate_goes_through_at_its_pace(tmp_path: Path) -> None:
+    """An app that joins ten rooms and publishes to each at once, against a burst of 4: what
+    the server refuses as `rate_limited` (not carried out) the client sends again at the
+    server's rate, so every join and every publish succeeds, each once."""
+    env = server_env(tmp_path, {"COLLAB_RATE_BURST": "4", "COLLAB_RATE_LIMIT": "40"})
+    node = ServerProcess(env, tmp_path / "server.log").start()
+    rooms = [room_name() for _ in range(10)]
+    try:
+        async with CollabClient(node.ws_url, token=guest_token(node.url, "ann")) as ann:
+            joined = await asyncio.gather(*(ann.join(r, presence_events=False) for r in rooms))
+            assert [j["room"] for j in joined] == rooms
+            acks = await asyncio.gather(*(ann.publish(r, {"r": r}) for r in rooms))
+            assert [a["offset"] for a in acks] == [1] * 10
+            seen = [await ann.next_event(10) for _ in range(10)]
+            assert sorted(e["room"] for e in seen) == sorted(rooms)
+    finally:
+        node.stop()
+
+
 async def test_a_client_reconnecting_during_a_broker_outage_gets_its_rooms_back(
     tmp_path: Path,
 ) -> None:

@@ -159,7 +159,7 @@ export class CollabSocket extends EventTarget {
   // once it ends. Until then it is not ready: what it sends waits, as while disconnected.
   async rejoin() {
     const ws = this.ws;
-    const rate = Number(this.welcome?.limits?.rate) || 20;
+    const rate = this.rate();
     for (const [key, options] of [...this.joined]) {
       const command = this.endpoint === "chat"
         ? { type: "join", room: key, ...options }
@@ -215,10 +215,29 @@ export class CollabSocket extends EventTarget {
 
   // -- requests -----------------------------------------------------------------------------
 
-  /** Send a command once connected; its reply. Rejects on an error reply, a timeout, a lost connection. */
+  /**
+   * Send a command once connected; its reply. Rejects on an error reply, a timeout, a lost
+   * connection. A command refused as rate_limited (not carried out) is sent again at the
+   * server's pace (welcome.limits.rate) for up to requestTimeout, so joining fifty rooms or
+   * publishing a burst at once goes through, a little later.
+   */
   async request(command) {
-    await this.whenReady();
-    return this.requestNow(command);
+    const deadline = Date.now() + this.requestTimeout;
+    for (;;) {
+      await this.whenReady();
+      try {
+        return await this.requestNow(command);
+      } catch (error) {
+        if (error.code !== "rate_limited") throw error;
+        const wait = (1000 * (1 + Math.random())) / this.rate(); // jittered: not all back at once
+        if (Date.now() + wait > deadline) throw error;
+        await new Promise((resolve) => setTimeout(resolve, wait));
+      }
+    }
+  }
+
+  rate() {
+    return Number(this.welcome?.limits?.rate) || 20;
   }
 
   requestNow(command) {

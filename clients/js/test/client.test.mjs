@@ -230,3 +230,19 @@ test("a publish whose broker reply was lost (delivery unknown) is sent again wit
     redis.stop();
   }
 });
+
+test("joins and publishes past the server's burst go through at its pace", async () => {
+  const strict = await new Server({ settings: { COLLAB_RATE_BURST: "4", COLLAB_RATE_LIMIT: "40" } }).start();
+  try {
+    const ann = open({ token: await guest(strict, "ann") }, strict);
+    const names = Array.from({ length: 10 }, room);
+    const joined = await Promise.all(names.map((name) => ann.join(name, { presence_events: false })));
+    assert.deepEqual(joined.map((j) => j.room), names);
+    const acks = await Promise.all(names.map((name) => ann.publish(name, { name })));
+    assert.deepEqual(acks.map((a) => a.offset), Array(10).fill(1));
+    await until(() => ann.events.filter((e) => e.kind === "message").length === 10, "ten messages");
+    assert.deepEqual(ann.events.filter((e) => e.kind === "message").map((m) => m.room).sort(), [...names].sort());
+  } finally {
+    await strict.stop();
+  }
+});
