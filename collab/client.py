@@ -210,6 +210,7 @@ class CollabClient:
             "client_msg_id": client_msg_id or uuid.uuid4().hex,
         }
         unconfirmed = 0
+        uncertain: CollabError | None = None  # the last reply that left the outcome unknown
         while True:
             try:
                 return await self.request(command)
@@ -218,12 +219,17 @@ class CollabClient:
                     raise
                 continue  # sent again once reconnected: the same id, so at most once
             except CollabError as exc:
-                unknown = exc.outcome == "unknown" or exc.frame.get("delivery") == "unknown"
-                if not unknown or unconfirmed >= _PUBLISH_RETRIES:
+                if exc.outcome == "unknown" or exc.frame.get("delivery") == "unknown":
+                    # Delivered but not confirmed stored, or maybe delivered (the broker's
+                    # reply was lost): the same id gets the first message's ack if it went
+                    # out, and publishes it otherwise; nothing is delivered twice.
+                    uncertain = exc
+                elif uncertain is None or exc.code != "unavailable":
                     raise
-                # Delivered but not confirmed stored, or maybe delivered (the broker's reply
-                # was lost): the same id gets the first message's ack if it went out, and
-                # publishes it otherwise; nothing is delivered twice.
+                # (Otherwise a retry was answered "not done": that retry did not run, but the
+                # first attempt may have, so the outcome stays unknown and the retries go on.)
+                if unconfirmed >= _PUBLISH_RETRIES:
+                    raise uncertain from None
                 unconfirmed += 1
                 await asyncio.sleep(self._backoff(unconfirmed))
 

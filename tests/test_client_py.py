@@ -10,13 +10,21 @@ import asyncio
 import signal
 import sqlite3
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from collab.client import CollabClient, ConnectionLost, Frame, RequestTimeout, State
+from collab.client import (
+    CollabClient,
+    CollabError,
+    ConnectionLost,
+    Frame,
+    RequestTimeout,
+    State,
+)
 from tests.helpers import eventually
 from tests.processes import RedisServer, ServerProcess, require_redis_server, server_env
 from tests.protocol_schema import check_frame
@@ -305,6 +313,7 @@ async def test_a_publish_whose_broker_reply_was_lost_is_not_called_undone(
                 # REST says the same (503, detail.delivery), and cid's client retries alone.
                 by_rest = asyncio.ensure_future(asyncio.to_thread(rest_publish))
                 by_cid = asyncio.ensure_future(cid.publish(room, {"n": 2}))
+                stalled = asyncio.get_running_loop().time()
                 feed = await asyncio.to_thread(
                     httpx.post,
                     f"{node.url}/feeds/sensors",
@@ -316,6 +325,11 @@ async def test_a_publish_whose_broker_reply_was_lost_is_not_called_undone(
                 for response in (refused, feed):
                     assert response.status_code == 503, response.text
                     assert response.json()["detail"]["delivery"] == "unknown"
+                # Past the room's 5 s mark refresh, cid's retries stall on the mark before
+                # the script and are answered "not done": the first try may still have gone
+                # out, so its client keeps trying rather than calling the publish failed.
+                await asyncio.sleep(max(0.0, stalled + 7.5 - asyncio.get_running_loop().time()))
+                assert not by_cid.done()
             finally:
                 redis_server.process.send_signal(signal.SIGCONT)
             # What Redis had been sent before it stalled, it runs now: a message the reply
@@ -347,6 +361,39 @@ async def test_a_publish_whose_broker_reply_was_lost_is_not_called_undone(
     finally:
         node.stop()
         redis_server.kill()
+
+
+async def test_a_publish_stays_unknown_until_a_retry_settles_it() -> None:
+    """The publish retry rule, apart from any server: after a reply that left the outcome
+    unknown, a retry answered plainly `unavailable` ("not done") says nothing of the first
+    attempt, so the retries go on; out of retries, the error raised is the unknown one, never
+    the "not done" that would invite a retry under a new id."""
+    unknown = CollabError({"type": "error", "code": "unavailable", "delivery": "unknown"})
+    not_done = CollabError({"type": "error", "code": "unavailable", "message": "not done"})
+    ack: Frame = {"type": "ack", "offset": 7}
+
+    async def run(answers: Sequence[CollabError | Frame]) -> tuple[Frame | CollabError, int]:
+        replies = list(answers)
+        client = CollabClient("ws://127.0.0.1:1", token="t", backoff_min=0.001, backoff_max=0.002)
+        sent: list[Frame] = []
+
+        async def request(command: Frame) -> Frame:
+            sent.append(command)
+            reply = replies.pop(0)
+            if isinstance(reply, CollabError):
+                raise reply
+            return reply
+
+        client.request = request  # type: ignore[method-assign]
+        try:
+            return await client.publish("r", {"n": 1}), len(sent)
+        except CollabError as exc:
+            assert len({c["client_msg_id"] for c in sent}) == 1  # one id throughout
+            return exc, len(sent)
+
+    assert await run([unknown, not_done, not_done, ack]) == (ack, 4)
+    assert await run([not_done]) == (not_done, 1)  # nothing unknown before: "not done" stands
+    assert await run([unknown] + [not_done] * 10) == (unknown, 6)
 
 
 async def test_a_refused_token_is_replaced_through_get_token(tmp_path: Path) -> None:

@@ -292,21 +292,23 @@ export class CollabSocket extends EventTarget {
     const command = { type: "publish", room, body, client_msg_id: clientMsgId };
     this.unacked.set(clientMsgId, command);
     let unconfirmed = 0;
+    let uncertain = null; // the last reply that left the outcome unknown
     try {
       for (;;) {
         try {
           return await this.request(command);
         } catch (error) {
           if (error.code === "connection_lost") continue; // once reconnected: same id, sent once
-          // Delivered but not confirmed stored, or maybe delivered (the broker's reply was
-          // lost): the same id gets the first message's ack, or publishes it; never twice.
-          const unknown = error.outcome === "unknown" || error.frame?.delivery === "unknown";
-          if (unknown && unconfirmed < PUBLISH_RETRIES) {
-            unconfirmed += 1;
-            await new Promise((resolve) => setTimeout(resolve, this.backoff(unconfirmed)));
-            continue;
-          }
-          throw error;
+          if (error.outcome === "unknown" || error.frame?.delivery === "unknown") {
+            // Delivered but not confirmed stored, or maybe delivered (the broker's reply was
+            // lost): the same id gets the first message's ack, or publishes it; never twice.
+            uncertain = error;
+          } else if (uncertain === null || error.code !== "unavailable") {
+            throw error;
+          } // else a retry answered "not done": the first attempt may still have gone out
+          if (unconfirmed >= PUBLISH_RETRIES) throw uncertain;
+          unconfirmed += 1;
+          await new Promise((resolve) => setTimeout(resolve, this.backoff(unconfirmed)));
         }
       }
     } finally {

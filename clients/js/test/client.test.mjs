@@ -4,6 +4,7 @@ import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { after, before, test } from "node:test";
 import { Server, client, guest, lockDatabase, metric, noRedisServer, sleep, startRedis, storedMessages, until } from "../testlib/server.mjs";
+import { CollabError, CollabSocket } from "../collab.js";
 
 const room = () => `js-${randomUUID().slice(0, 8)}`;
 let server;
@@ -245,4 +246,30 @@ test("joins and publishes past the server's burst go through at its pace", async
   } finally {
     await strict.stop();
   }
+});
+
+test("a publish stays unknown until a retry settles it (the retry rule alone)", async () => {
+  const unknown = new CollabError({ type: "error", code: "unavailable", delivery: "unknown" });
+  const notDone = new CollabError({ type: "error", code: "unavailable", message: "not done" });
+  const ack = { type: "ack", offset: 7 };
+  const run = async (replies) => {
+    const socket = new CollabSocket("http://127.0.0.1:1", { token: "t", connect: false, backoffMin: 1, backoffMax: 2 });
+    const sent = [];
+    socket.request = async (command) => {
+      sent.push(command.client_msg_id);
+      const reply = replies.shift();
+      if (reply instanceof Error) throw reply;
+      return reply;
+    };
+    try {
+      return [await socket.publish("r", { n: 1 }), sent.length];
+    } catch (error) {
+      assert.equal(new Set(sent).size, 1); // one id throughout
+      return [error, sent.length];
+    }
+  };
+  // After an unknown outcome a retry answered "not done" says nothing of the first attempt.
+  assert.deepEqual(await run([unknown, notDone, notDone, ack]), [ack, 4]);
+  assert.deepEqual(await run([notDone]), [notDone, 1]); // nothing unknown before: it stands
+  assert.deepEqual(await run([unknown, ...Array(10).fill(notDone)]), [unknown, 6]); // out of retries: unknown
 });
