@@ -224,8 +224,12 @@ class CollabClient:
                     # reply was lost): the same id gets the first message's ack if it went
                     # out, and publishes it otherwise; nothing is delivered twice.
                     uncertain = exc
-                elif uncertain is None or exc.code != "unavailable":
+                elif uncertain is None:
                     raise
+                elif exc.code not in ("unavailable", "rate_limited"):
+                    # A retry refused for another reason says nothing of the first attempt,
+                    # which may have gone out: the outcome is still the unknown one.
+                    raise uncertain from None
                 # (Otherwise a retry was answered "not done": that retry did not run, but the
                 # first attempt may have, so the outcome stays unknown and the retries go on.)
                 if unconfirmed >= _PUBLISH_RETRIES:

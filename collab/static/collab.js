@@ -303,8 +303,10 @@ export class CollabSocket extends EventTarget {
             // Delivered but not confirmed stored, or maybe delivered (the broker's reply was
             // lost): the same id gets the first message's ack, or publishes it; never twice.
             uncertain = error;
-          } else if (uncertain === null || error.code !== "unavailable") {
+          } else if (uncertain === null) {
             throw error;
+          } else if (error.code !== "unavailable" && error.code !== "rate_limited") {
+            throw uncertain; // a retry refused otherwise says nothing of the first attempt
           } // else a retry answered "not done": the first attempt may still have gone out
           if (unconfirmed >= PUBLISH_RETRIES) throw uncertain;
           unconfirmed += 1;

@@ -272,4 +272,6 @@ test("a publish stays unknown until a retry settles it (the retry rule alone)", 
   assert.deepEqual(await run([unknown, notDone, notDone, ack]), [ack, 4]);
   assert.deepEqual(await run([notDone]), [notDone, 1]); // nothing unknown before: it stands
   assert.deepEqual(await run([unknown, ...Array(10).fill(notDone)]), [unknown, 6]); // out of retries: unknown
+  const forbidden = new CollabError({ type: "error", code: "forbidden", message: "left the room" });
+  assert.deepEqual(await run([unknown, forbidden]), [unknown, 2]); // the first may still have gone out
 });
